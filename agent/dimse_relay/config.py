@@ -1,0 +1,263 @@
+"""Agent configuration: YAML file validated with pydantic, secrets overridable from the environment.
+
+Every key is documented in docs/configuration.md. Unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DIMSE_RELAY_"
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title: 1-16 characters of the DICOM default repertoire, no backslash or control."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("AE title must not be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError("AE title must be at most 16 characters")
+    if any(ord(ch) < 0x20 or ord(ch) > 0x7E or ch == "\\" for ch in value):
+        raise ValueError("AE title may only contain printable ASCII characters except backslash")
+    return stripped
+
+
+AETitle = Annotated[str, Field(description="DICOM Application Entity Title")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Strict):
+    """TLS material for the NATS connection (mutual TLS: the agent presents a client cert)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TLSConfig:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path = getattr(self, name)
+            if not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
+
+
+class NATSConfig(_Strict):
+    servers: list[str] = Field(min_length=1)
+    tls: TLSConfig | None = None
+    allow_insecure: bool = False
+    user: str | None = None
+    password: str | None = None
+    creds_file: Path | None = None
+    subject_prefix: str = "dimse"
+    inbox_prefix: str = "_INBOX"
+    name: str | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_wait_s: float = Field(default=1.0, gt=0)
+    max_reconnect_wait_s: float = Field(default=30.0, gt=0)
+    chunk_size: int = Field(default=256 * 1024, ge=4096, le=8 * 1024 * 1024)
+    window_chunks: int = Field(default=8, ge=1, le=256)
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, servers: list[str]) -> list[str]:
+        for url in servers:
+            if "://" not in url:
+                raise ValueError(f"server URL needs a scheme (tls:// or nats://): {url!r}")
+        return servers
+
+    @field_validator("subject_prefix", "inbox_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        tokens = value.split(".")
+        if any(not t or any(c in t for c in " *>\t\r\n") for t in tokens):
+            raise ValueError(f"not a valid NATS subject prefix: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _require_tls(self) -> NATSConfig:
+        if self.tls is None and not self.allow_insecure:
+            raise ValueError(
+                "tls is required (set nats.allow_insecure: true only for local experiments)"
+            )
+        if self.tls is not None and any(s.startswith("nats://") for s in self.servers):
+            # nats-py upgrades to TLS when a TLS context is given; tls:// makes that explicit.
+            pass
+        return self
+
+
+class HTTPConfig(_Strict):
+    """Metrics (/metrics), liveness (/healthz) and readiness (/readyz) endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9102, ge=0, le=65535)
+
+
+class ListenerTimeouts(_Strict):
+    open_s: float = Field(default=10.0, gt=0, description="far-side association negotiation")
+    request_s: float = Field(default=60.0, gt=0, description="far-side DIMSE response")
+    chunk_ack_s: float = Field(default=15.0, gt=0, description="one dataset chunk acknowledged")
+    acse_s: float = Field(default=30.0, gt=0)
+    dimse_s: float = Field(default=120.0, gt=0)
+    network_s: float = Field(default=300.0, gt=0)
+
+
+class ListenerConfig(_Strict):
+    """A local DICOM SCP that stands in for a remote AE and relays to it over NATS."""
+
+    ae_title: str
+    remote_ae_title: str | None = None
+    bind: str = "0.0.0.0"  # noqa: S104 - a DICOM SCP serves the hospital LAN
+    port: int = Field(ge=1, le=65535)
+    mode: Literal["sync"] = "sync"
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=32, ge=1)
+    max_pdu: int = Field(default=0, ge=0)
+    timeouts: ListenerTimeouts = ListenerTimeouts()
+
+    @field_validator("ae_title", "remote_ae_title")
+    @classmethod
+    def _aet(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+    @property
+    def far_ae_title(self) -> str:
+        """The AE title whose NATS subjects this listener relays to."""
+        return self.remote_ae_title or self.ae_title
+
+
+class TargetTimeouts(_Strict):
+    connect_s: float = Field(default=10.0, gt=0)
+    acse_s: float = Field(default=30.0, gt=0)
+    dimse_s: float = Field(default=50.0, gt=0)
+    network_s: float = Field(default=300.0, gt=0)
+    session_idle_s: float = Field(default=600.0, gt=0)
+
+
+class TargetConfig(_Strict):
+    """A NATS subscription for one AE title that forwards requests to a real local SCP."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_ae_title: str | None = None
+    calling_ae_title: str | None = None
+    max_sessions: int = Field(default=64, ge=1)
+    max_pdu: int = Field(default=0, ge=0)
+    timeouts: TargetTimeouts = TargetTimeouts()
+
+    @field_validator("ae_title", "called_ae_title", "calling_ae_title")
+    @classmethod
+    def _aet(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @property
+    def scp_ae_title(self) -> str:
+        return self.called_ae_title or self.ae_title
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    log_identifiers: bool = False
+
+
+class AgentConfig(_Strict):
+    name: str = Field(default_factory=lambda: os.uname().nodename)
+    nats: NATSConfig
+    http: HTTPConfig = HTTPConfig()
+    logging: LoggingConfig = LoggingConfig()
+    work_dir: Path = Path("/var/lib/dimse-relay")
+    listeners: list[ListenerConfig] = Field(default_factory=list)
+    targets: list[TargetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentConfig:
+        if not self.listeners and not self.targets:
+            raise ValueError("at least one listener or target is required")
+        seen_ports: dict[tuple[str, int], str] = {}
+        for idx, lst in enumerate(self.listeners):
+            key = (lst.bind, lst.port)
+            if key in seen_ports and seen_ports[key] == lst.ae_title:
+                raise ValueError(f"listeners[{idx}]: duplicate listener {lst.ae_title} on {key}")
+            seen_ports[key] = lst.ae_title
+        aets = [t.ae_title for t in self.targets]
+        dupes = {a for a in aets if aets.count(a) > 1}
+        if dupes:
+            raise ValueError(f"targets: AE title served twice: {sorted(dupes)}")
+        return self
+
+
+class ConfigError(Exception):
+    """A configuration problem, with one line per error naming its location."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """Secrets and deployment-specific values from the environment win over the file.
+
+    DIMSE_RELAY_NATS_PASSWORD, DIMSE_RELAY_NATS_USER, DIMSE_RELAY_NATS_CREDS_FILE,
+    DIMSE_RELAY_NATS_SERVERS (comma separated), DIMSE_RELAY_NATS_TLS_KEY_FILE.
+    """
+    nats = raw.setdefault("nats", {})
+    if not isinstance(nats, dict):
+        return raw
+    simple = {"USER": "user", "PASSWORD": "password", "CREDS_FILE": "creds_file"}
+    for env, key in simple.items():
+        if ENV_PREFIX + "NATS_" + env in environ:
+            nats[key] = environ[ENV_PREFIX + "NATS_" + env]
+    if ENV_PREFIX + "NATS_SERVERS" in environ:
+        nats["servers"] = [s.strip() for s in environ[ENV_PREFIX + "NATS_SERVERS"].split(",")]
+    if ENV_PREFIX + "NATS_TLS_KEY_FILE" in environ and isinstance(nats.get("tls"), dict):
+        nats["tls"]["key_file"] = environ[ENV_PREFIX + "NATS_TLS_KEY_FILE"]
+    return raw
+
+
+def _format_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def parse_config(raw: Any, environ: dict[str, str] | None = None) -> AgentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): the configuration must be a YAML mapping"])
+    raw = _apply_env_overrides(raw, dict(os.environ) if environ is None else environ)
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()]) from None
+
+
+def load_config(path: Path | str, environ: dict[str, str] | None = None) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(raw, environ)
