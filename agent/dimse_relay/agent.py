@@ -1,0 +1,120 @@
+"""One agent process: NATS transport, listeners, targets and the HTTP endpoint, wired together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from dimse_relay import __version__
+from dimse_relay.config import AgentConfig
+from dimse_relay.dicom import configure_pynetdicom
+from dimse_relay.health import HealthServer
+from dimse_relay.listener import ListenerServer
+from dimse_relay.logs import setup_logging
+from dimse_relay.target import TargetServer
+from dimse_relay.transport import NatsTransport
+
+LOG = logging.getLogger("dimse_relay.agent")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.transport = NatsTransport(cfg.nats, cfg.name)
+        self.listeners = ListenerServer(cfg, self.transport)
+        self.targets = TargetServer(cfg, self.transport) if cfg.targets else None
+        self.health: HealthServer | None = None
+        self._targets_subscribed = threading.Event()
+        if not cfg.targets:
+            self._targets_subscribed.set()
+        self._stop = threading.Event()
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        detail = {
+            "nats_connected": self.transport.connected,
+            "listeners_bound": self.listeners.bound,
+            "targets_subscribed": self._targets_subscribed.is_set(),
+        }
+        return all(detail.values()), detail
+
+    def status(self) -> dict[str, Any]:
+        ok, detail = self.ready()
+        return {
+            "agent": self.cfg.name,
+            "version": __version__,
+            "ready": ok,
+            **detail,
+            "nats_server": str(self.transport.nc.connected_url) if self.transport.nc else None,
+            "listeners": [
+                {
+                    "ae_title": c.ae_title,
+                    "port": c.port,
+                    "relays_to": c.far_ae_title,
+                    "mode": c.mode,
+                }
+                for c in self.cfg.listeners
+            ],
+            "targets": [
+                {"ae_title": c.ae_title, "scp": f"{c.host}:{c.port}", "called": c.scp_ae_title}
+                for c in self.cfg.targets
+            ],
+            "target_sessions": len(self.targets.sessions) if self.targets else 0,
+        }
+
+    def start(self) -> None:
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.cfg.http.enabled:
+            self.health = HealthServer(
+                self.cfg.http.host, self.cfg.http.port, self.ready, self.status
+            )
+            self.health.start()
+        if self.targets is not None:
+            targets = self.targets
+
+            async def subscribe_targets() -> None:
+                await targets.subscribe()
+                self._targets_subscribed.set()
+
+            self.transport.on_connect(subscribe_targets)
+        self.transport.start()
+        self.listeners.start()
+        LOG.info(
+            "agent started",
+            extra={
+                "version": __version__,
+                "listeners": len(self.cfg.listeners),
+                "targets": len(self.cfg.targets),
+            },
+        )
+
+    def stop(self) -> None:
+        LOG.info("agent stopping")
+        self.listeners.stop()
+        if self.targets is not None:
+            try:
+                self.transport.submit(self.targets.shutdown()).result(10)
+            except Exception:  # noqa: S110 - best effort at shutdown
+                pass
+        self.transport.stop()
+        if self.health is not None:
+            self.health.stop()
+
+    def run_forever(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOG.info("signal received", extra={"signal": signal.Signals(signum).name})
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        self._stop.wait()
+        self.stop()
+
+
+def run(cfg: AgentConfig) -> None:
+    setup_logging(cfg.logging.level, cfg.logging.format, cfg.name)
+    configure_pynetdicom(cfg.logging.log_identifiers)
+    Agent(cfg).run_forever()

@@ -1,0 +1,145 @@
+"""DICOM helpers shared by listeners and targets: pynetdicom settings, sockets, contexts,
+command sets and Part 10 files whose dataset bytes are never re-encoded."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.utils import set_ae
+
+from dimse_relay.envelope import ContextProposal, ContextResult
+
+
+def configure_pynetdicom(log_identifiers: bool) -> None:
+    """Process-wide pynetdicom settings the relay depends on."""
+    # Stream C-STORE datasets through temp files in both directions: bounded memory and the
+    # dataset bytes are passed on exactly as received (no decode/re-encode).
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    # pynetdicom logs request/response identifiers (patient data) by default.
+    _config.LOG_REQUEST_IDENTIFIERS = log_identifiers
+    _config.LOG_RESPONSE_IDENTIFIERS = log_identifiers
+    _config.LOG_HANDLER_LEVEL = "none"
+    # pynetdicom's per-PDU INFO/DEBUG lines carry UIDs; keep them out unless debugging.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if log_identifiers else logging.WARNING)
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+# Bind to EVT_CONN_OPEN on every association: DIMSE over loopback or LAN without TCP_NODELAY
+# waits for Nagle's delayed ACK on every small PDU (~40-80 ms per message).
+NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
+
+
+def fallback_contexts() -> list[PresentationContext]:
+    """What a listener accepts when the far side cannot be asked: Verification and storage."""
+    contexts = [build_context(Verification, ALL_TRANSFER_SYNTAXES)]
+    for cx in AllStoragePresentationContexts:
+        contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
+    return contexts
+
+
+def proposals_from_primitive(assoc: Any) -> list[ContextProposal]:
+    """The presentation contexts the SCU proposed, with its role selection."""
+    roles = {
+        str(uid): (item.scu_role, item.scp_role)
+        for uid, item in assoc.requestor.role_selection.items()
+    }
+    out = []
+    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        scu, scp = roles.get(str(cx.abstract_syntax), (None, None))
+        out.append(
+            ContextProposal(
+                id=cx.context_id,
+                abstract_syntax=str(cx.abstract_syntax),
+                transfer_syntaxes=[str(ts) for ts in cx.transfer_syntax],
+                scu_role=scu,
+                scp_role=scp,
+            )
+        )
+    return out
+
+
+def contexts_from_results(results: list[ContextResult]) -> list[PresentationContext]:
+    """Acceptor contexts that make pynetdicom accept exactly what the real target accepted."""
+    merged: dict[str, PresentationContext] = {}
+    for res in results:
+        cx = merged.get(res.abstract_syntax)
+        if cx is None:
+            cx = build_context(res.abstract_syntax, [res.transfer_syntax])
+            merged[res.abstract_syntax] = cx
+        elif res.transfer_syntax not in cx.transfer_syntax:
+            cx.add_transfer_syntax(res.transfer_syntax)
+        if res.scu_role is not None:
+            cx.scu_role = res.scu_role
+        if res.scp_role is not None:
+            cx.scp_role = res.scp_role
+    return list(merged.values())
+
+
+def requested_contexts(proposals: list[ContextProposal]) -> list[PresentationContext]:
+    out = []
+    for p in proposals:
+        cx = build_context(p.abstract_syntax, p.transfer_syntaxes)
+        out.append(cx)
+    return out
+
+
+def encode_command(ds: Dataset) -> bytes:
+    """Command sets are always Implicit VR Little Endian (PS3.7 6.3.1)."""
+    raw = encode(ds, True, True)
+    if raw is None:
+        raise ValueError("cannot encode command set")
+    return raw
+
+
+def decode_command(raw: bytes | memoryview) -> Dataset:
+    return decode(BytesIO(bytes(raw)), True, True)
+
+
+def write_part10_header(
+    fh: BinaryIO, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+) -> None:
+    """Preamble, DICM and File Meta Information; the dataset bytes are appended unchanged."""
+    meta = Dataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1484.1"
+    meta.ImplementationVersionName = "DIMSE_RELAY_01"
+    fh.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fh, meta, enforce_standard=True)  # type: ignore[arg-type]
+
+
+def dataset_offset(path: Path) -> int:
+    """Offset of the dataset in a Part 10 file written by pynetdicom or write_part10_header."""
+    from pynetdicom.dsutils import split_dataset
+
+    _meta, offset = split_dataset(path)
+    return int(offset)
+
+
+def aet(value: str) -> str:
+    return str(set_ae(value, "ae_title", False, False)).strip()

@@ -1,0 +1,210 @@
+"""The wire envelope: every NATS message between two agents is one envelope.
+
+Layout (all integers big-endian)::
+
+    offset  size  field
+    0       4     magic b"DRLY"
+    4       1     envelope version (1)
+    5       1     kind (see Kind)
+    6       2     header length H
+    8       H     header: UTF-8 JSON object, validated against the model of the kind
+    8+H     ...   body: opaque bytes (DICOM-encoded command set, dataset bytes, or a chunk)
+
+Nothing here executes or instantiates anything chosen by the sender: the header is plain JSON
+checked field by field, the body is bytes. See docs/wire-protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAGIC = b"DRLY"
+VERSION = 1
+_PREFIX = struct.Struct(">4sBBH")
+MAX_HEADER = 32 * 1024
+
+
+class Kind(enum.IntEnum):
+    OPEN = 1
+    OPEN_RESULT = 2
+    REQUEST = 3
+    CHUNK = 4
+    ACK = 5
+    RESPONSE = 6
+    ERROR = 7
+    CLOSE = 8
+    CANCEL = 9
+
+
+class EnvelopeError(ValueError):
+    """A message that is not a valid envelope; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+AET = str
+
+
+class ContextProposal(_Header):
+    """One presentation context as the SCU proposed it."""
+
+    id: int = Field(ge=1, le=255)
+    abstract_syntax: str = Field(max_length=64)
+    transfer_syntaxes: list[str] = Field(min_length=1, max_length=64)
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+class ContextResult(_Header):
+    """One presentation context as the real target accepted it."""
+
+    id: int = Field(ge=1, le=255)
+    abstract_syntax: str = Field(max_length=64)
+    transfer_syntax: str = Field(max_length=64)
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+class OpenHeader(_Header):
+    assoc_id: str = Field(max_length=64)
+    calling_ae_title: AET = Field(max_length=16)
+    called_ae_title: AET = Field(max_length=16)
+    contexts: list[ContextProposal] = Field(max_length=128)
+    reply_inbox: str = Field(max_length=256)
+    timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+
+class OpenResultHeader(_Header):
+    assoc_id: str = Field(max_length=64)
+    result: Literal["accepted", "rejected", "failed"]
+    session_subject: str | None = Field(default=None, max_length=256)
+    accepted: list[ContextResult] = Field(default_factory=list, max_length=128)
+    reject_result: int | None = None
+    reject_source: int | None = None
+    reject_reason: int | None = None
+    failure: str | None = Field(default=None, max_length=64)
+    comment: str | None = Field(default=None, max_length=256)
+
+
+class RequestHeader(_Header):
+    op_id: int = Field(ge=0)
+    service: Literal["C-ECHO", "C-STORE", "C-FIND", "C-GET", "C-MOVE"]
+    abstract_syntax: str = Field(max_length=64)
+    transfer_syntax: str = Field(max_length=64)
+    command_length: int = Field(ge=0)
+    # Length of the dataset that follows: inline in this body, or in CHUNK messages.
+    dataset_length: int = Field(ge=-1, description="-1: no dataset")
+    inline: bool = True
+    chunk_count: int = Field(default=0, ge=0)
+    digest: str | None = Field(default=None, max_length=128)
+
+
+class ChunkHeader(_Header):
+    op_id: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    final: bool = False
+    digest: str | None = Field(default=None, max_length=128, description="sha256 of the dataset")
+
+
+class AckHeader(_Header):
+    op_id: int = Field(ge=0)
+    seq: int = Field(ge=0)
+
+
+class ResponseHeader(_Header):
+    op_id: int = Field(ge=0)
+    final: bool = True
+    command_length: int = Field(ge=0)
+    dataset_length: int = Field(default=-1, ge=-1)
+
+
+class ErrorHeader(_Header):
+    op_id: int = Field(ge=-1)
+    reason: Literal["unavailable", "timeout", "target_unreachable", "protocol"]
+    comment: str = Field(max_length=256)
+
+
+class CloseHeader(_Header):
+    mode: Literal["release", "abort"]
+
+
+class CancelHeader(_Header):
+    op_id: int = Field(ge=0)
+
+
+HeaderModel = (
+    OpenHeader
+    | OpenResultHeader
+    | RequestHeader
+    | ChunkHeader
+    | AckHeader
+    | ResponseHeader
+    | ErrorHeader
+    | CloseHeader
+    | CancelHeader
+)
+
+_MODELS: dict[Kind, type[BaseModel]] = {
+    Kind.OPEN: OpenHeader,
+    Kind.OPEN_RESULT: OpenResultHeader,
+    Kind.REQUEST: RequestHeader,
+    Kind.CHUNK: ChunkHeader,
+    Kind.ACK: AckHeader,
+    Kind.RESPONSE: ResponseHeader,
+    Kind.ERROR: ErrorHeader,
+    Kind.CLOSE: CloseHeader,
+    Kind.CANCEL: CancelHeader,
+}
+_KINDS: dict[type[BaseModel], Kind] = {model: kind for kind, model in _MODELS.items()}
+
+
+def encode(header: HeaderModel, body: bytes | memoryview = b"") -> bytes:
+    """Serialise one envelope."""
+    kind = _KINDS[type(header)]
+    raw = header.model_dump_json(exclude_none=True).encode("utf-8")
+    if len(raw) > MAX_HEADER:
+        raise ValueError("envelope header too large")
+    return b"".join((_PREFIX.pack(MAGIC, VERSION, int(kind), len(raw)), raw, body))
+
+
+def decode(data: bytes) -> tuple[HeaderModel, memoryview]:
+    """Parse one envelope; raise EnvelopeError with a metric reason for anything invalid."""
+    if len(data) < _PREFIX.size:
+        raise EnvelopeError("truncated", f"{len(data)} bytes is shorter than the fixed prefix")
+    magic, version, kind_value, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise EnvelopeError("bad_magic", "not a dimse-relay envelope")
+    if version != VERSION:
+        raise EnvelopeError("bad_version", f"envelope version {version} is not supported")
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise EnvelopeError("bad_kind", f"unknown kind {kind_value}") from None
+    end = _PREFIX.size + header_len
+    if len(data) < end:
+        raise EnvelopeError("truncated", "header runs past the end of the message")
+    try:
+        obj = json.loads(bytes(data[_PREFIX.size : end]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EnvelopeError("bad_header", "header is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeError("bad_header", "header is not a JSON object")
+    try:
+        header = _MODELS[kind].model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise EnvelopeError("bad_header", f"{kind.name} header {where}: {first['msg']}") from None
+    return header, memoryview(data)[end:]  # type: ignore[return-value]

@@ -1,0 +1,475 @@
+"""Listeners: local DICOM SCPs that stand in for remote AE titles.
+
+When an SCU asks for an association, the listener sends the proposal (calling AE title,
+presentation contexts, role selection) to the agent serving the called AE title, which opens
+the same association with the real SCP. The listener then accepts exactly what the real SCP
+accepted, or rejects with the same reason. If the far side cannot be asked (no agent, NATS
+down, timeout) it accepts its local fallback contexts and answers every request with a
+documented failure status (see statuses.py), so modalities see a status rather than an abort.
+
+Each DIMSE request is relayed on the session subject and the real response written back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+
+from dimse_relay import envelope, metrics, statuses, subjects
+from dimse_relay.config import AgentConfig, ListenerConfig
+from dimse_relay.dicom import (
+    NODELAY_HANDLER,
+    contexts_from_results,
+    dataset_offset,
+    decode_command,
+    encode_command,
+    fallback_contexts,
+    proposals_from_primitive,
+)
+from dimse_relay.envelope import (
+    AckHeader,
+    ChunkHeader,
+    CloseHeader,
+    ContextProposal,
+    EnvelopeError,
+    ErrorHeader,
+    OpenHeader,
+    OpenResultHeader,
+    RequestHeader,
+    ResponseHeader,
+)
+from dimse_relay.statuses import RelayFailure
+from dimse_relay.transport import NatsTransport
+
+LOG = logging.getLogger("dimse_relay.listener")
+
+
+class RelayError(Exception):
+    def __init__(self, failure: RelayFailure, detail: str = ""):
+        super().__init__(detail or failure.comment)
+        self.failure = failure
+
+
+_FAILURES = {
+    "unavailable": statuses.FAR_SIDE_UNAVAILABLE,
+    "timeout": statuses.FAR_SIDE_TIMEOUT,
+    "target_unreachable": statuses.TARGET_UNREACHABLE,
+    "protocol": statuses.PROTOCOL_ERROR,
+}
+
+
+@dataclass
+class RelayedAssociation:
+    """Listener-side state of one association from a local SCU."""
+
+    assoc_id: str
+    listener: ListenerConfig
+    calling_ae_title: str
+    proposals: list[ContextProposal]
+    session_subject: str | None = None
+    op_counter: int = 0
+    log_extra: dict[str, Any] = field(default_factory=dict)
+
+    def next_op(self) -> int:
+        self.op_counter += 1
+        return self.op_counter
+
+
+class ListenerServer:
+    """All listeners of one agent, grouped by (bind address, port)."""
+
+    def __init__(self, agent_cfg: AgentConfig, transport: NatsTransport):
+        self.agent_cfg = agent_cfg
+        self.transport = transport
+        self.nats_cfg = agent_cfg.nats
+        self.servers: list[Any] = []
+        self._fallback = fallback_contexts()
+        self._relayed: dict[int, RelayedAssociation] = {}
+
+    # -- server lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        groups: dict[tuple[str, int], list[ListenerConfig]] = {}
+        for lcfg in self.agent_cfg.listeners:
+            groups.setdefault((lcfg.bind, lcfg.port), []).append(lcfg)
+        for (bind, port), lcfgs in groups.items():
+            ae = AE(ae_title=lcfgs[0].ae_title)
+            ae.require_called_aet = False  # checked per listener in EVT_REQUESTED
+            ae.maximum_associations = sum(c.max_associations for c in lcfgs)
+            first = lcfgs[0]
+            ae.acse_timeout = first.timeouts.acse_s
+            ae.dimse_timeout = first.timeouts.dimse_s
+            ae.network_timeout = first.timeouts.network_s
+            if first.max_pdu:
+                ae.maximum_pdu_size = first.max_pdu
+            ae.supported_contexts = self._fallback
+            by_aet = {c.ae_title: c for c in lcfgs}
+            handlers = [
+                NODELAY_HANDLER,
+                (evt.EVT_REQUESTED, self._on_requested, [by_aet]),
+                (evt.EVT_C_ECHO, self._on_echo),
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_RELEASED, self._on_closed, ["release"]),
+                (evt.EVT_ABORTED, self._on_closed, ["abort"]),
+                (evt.EVT_CONN_CLOSE, self._on_closed, ["abort"]),
+            ]
+            server = ae.start_server((bind, port), block=False, evt_handlers=handlers)
+            self.servers.append(server)
+            LOG.info(
+                "listener bound",
+                extra={"bind": bind, "port": port, "ae_titles": sorted(by_aet)},
+            )
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
+
+    @property
+    def bound(self) -> bool:
+        return bool(self.servers) or not self.agent_cfg.listeners
+
+    # -- association negotiation ------------------------------------------------------------
+    def _on_requested(self, event: evt.Event, by_aet: dict[str, ListenerConfig]) -> None:
+        assoc = event.assoc
+        prim = assoc.requestor.primitive
+        called = str(prim.called_ae_title).strip()
+        calling = str(prim.calling_ae_title).strip()
+        assoc_id = uuid.uuid4().hex[:16]
+        lcfg = by_aet.get(called)
+        log_extra = {"assoc_id": assoc_id}
+        if lcfg is None:
+            LOG.info("association rejected: called AE title not served", extra=log_extra)
+            metrics.ASSOCIATIONS.labels(role="listener", result="rejected_called_aet").inc()
+            assoc.acse.send_reject(0x01, 0x01, 0x07)
+            return
+        log_extra["listener"] = lcfg.ae_title
+        if lcfg.allowed_calling_aets and calling not in lcfg.allowed_calling_aets:
+            LOG.info("association rejected: calling AE title not allowed", extra=log_extra)
+            metrics.ASSOCIATIONS.labels(role="listener", result="rejected_calling_aet").inc()
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        proposals = proposals_from_primitive(assoc)
+        relayed = RelayedAssociation(
+            assoc_id=assoc_id,
+            listener=lcfg,
+            calling_ae_title=calling,
+            proposals=proposals,
+            log_extra=log_extra,
+        )
+        self._relayed[id(assoc)] = relayed
+        try:
+            result = self._open_far(relayed)
+        except RelayError as exc:
+            LOG.warning(
+                "far side unavailable at association time; accepting locally",
+                extra={**log_extra, "why": exc.failure.reason},
+            )
+            metrics.ASSOCIATIONS.labels(role="listener", result="accepted_fallback").inc()
+            assoc.acceptor.supported_contexts = self._fallback
+            return
+        if result.result == "accepted":
+            relayed.session_subject = result.session_subject
+            assoc.acceptor.supported_contexts = contexts_from_results(result.accepted)
+            metrics.ASSOCIATIONS.labels(role="listener", result="accepted").inc()
+            metrics.ACTIVE_SESSIONS.labels(role="listener").inc()
+            LOG.info("association relayed", extra={**log_extra, "contexts": len(result.accepted)})
+            return
+        if result.result == "rejected":
+            metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
+            LOG.info("association rejected by the target", extra=log_extra)
+            assoc.acse.send_reject(
+                result.reject_result or 0x02,
+                result.reject_source or 0x01,
+                result.reject_reason or 1,
+            )
+            self._relayed.pop(id(assoc), None)
+            return
+        # The far agent answered but could not reach its SCP: accept locally, fail requests.
+        LOG.warning("target SCP unreachable; accepting locally", extra=log_extra)
+        metrics.ASSOCIATIONS.labels(role="listener", result="accepted_fallback").inc()
+        assoc.acceptor.supported_contexts = self._fallback
+
+    def _open_far(self, relayed: RelayedAssociation) -> OpenResultHeader:
+        lcfg = relayed.listener
+        timeout = lcfg.timeouts.open_s
+        return self._call(self._open_far_async(relayed, timeout), timeout + 1.0)
+
+    async def _open_far_async(
+        self, relayed: RelayedAssociation, timeout: float
+    ) -> OpenResultHeader:
+        lcfg = relayed.listener
+        inbox, queue = self.transport.replies.new_inbox()
+        try:
+            hdr = OpenHeader(
+                assoc_id=relayed.assoc_id,
+                calling_ae_title=relayed.calling_ae_title,
+                called_ae_title=lcfg.far_ae_title,
+                contexts=relayed.proposals,
+                reply_inbox=inbox,
+                timeout_s=timeout,
+            )
+            subject = subjects.open_subject(self.nats_cfg.subject_prefix, lcfg.far_ae_title)
+            nc = self.transport.client()
+            # A request with no responders fails fast instead of waiting for the timeout.
+            try:
+                reply = await nc.request(subject, envelope.encode(hdr), timeout=timeout)
+            except Exception as exc:
+                name = type(exc).__name__
+                if "NoResponders" in name:
+                    raise RelayError(statuses.FAR_SIDE_UNAVAILABLE) from None
+                if "Timeout" in name:
+                    raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
+                raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, name) from None
+            header, _ = envelope.decode(reply.data)
+            if not isinstance(header, OpenResultHeader):
+                raise RelayError(statuses.PROTOCOL_ERROR, "unexpected reply to open")
+            return header
+        except EnvelopeError as exc:
+            metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
+            raise RelayError(statuses.PROTOCOL_ERROR) from None
+        finally:
+            self.transport.replies.release(inbox)
+            del queue
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        try:
+            return self.transport.call(coro, timeout)
+        except RelayError:
+            raise
+        except TimeoutError:
+            raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
+        except Exception as exc:
+            raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, type(exc).__name__) from None
+
+    def _ensure_session(self, relayed: RelayedAssociation) -> str:
+        """The session subject; after a fallback accept, try once more to reach the far side."""
+        if relayed.session_subject:
+            return relayed.session_subject
+        result = self._open_far(relayed)
+        if result.result != "accepted" or not result.session_subject:
+            raise RelayError(
+                statuses.TARGET_UNREACHABLE
+                if result.result == "failed"
+                else statuses.FAR_SIDE_UNAVAILABLE
+            )
+        relayed.session_subject = result.session_subject
+        metrics.ACTIVE_SESSIONS.labels(role="listener").inc()
+        return relayed.session_subject
+
+    # -- DIMSE services ---------------------------------------------------------------------
+    def _failure_status(self, service: str, failure: RelayFailure) -> Dataset:
+        ds = Dataset()
+        ds.Status = failure.status_for(service)
+        ds.ErrorComment = failure.comment[:64]
+        return ds
+
+    def _relay(self, event: evt.Event, service: str, run: Any) -> Dataset | int:
+        relayed = self._relayed.get(id(event.assoc))
+        started = time.monotonic()
+        if relayed is None:
+            return self._failure_status(service, statuses.PROTOCOL_ERROR)
+        try:
+            subject = self._ensure_session(relayed)
+            status: Dataset = run(relayed, subject)
+        except RelayError as exc:
+            LOG.warning(
+                "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
+            )
+            status = self._failure_status(service, exc.failure)
+        metrics.LATENCY.labels(service=service).observe(time.monotonic() - started)
+        metrics.REQUESTS.labels(
+            role="listener", service=service, status=metrics.status_class(int(status.Status))
+        ).inc()
+        return status
+
+    def _on_echo(self, event: evt.Event) -> Dataset | int:
+        def run(relayed: RelayedAssociation, subject: str) -> Dataset:
+            msg = C_ECHO_RQ()
+            msg.primitive_to_message(event.request)
+            command = encode_command(msg.command_set)
+            hdr = RequestHeader(
+                op_id=relayed.next_op(),
+                service="C-ECHO",
+                abstract_syntax=str(event.context.abstract_syntax),
+                transfer_syntax=str(event.context.transfer_syntax),
+                command_length=len(command),
+                dataset_length=-1,
+            )
+            timeout = relayed.listener.timeouts.request_s
+            return self._call(self._single(subject, hdr, command, timeout), timeout + 1.0)  # type: ignore[no-any-return]
+
+        return self._relay(event, "C-ECHO", run)
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        path: Path = event.dataset_path
+
+        def run(relayed: RelayedAssociation, subject: str) -> Dataset:
+            req = event.request
+            msg = C_STORE_RQ()
+            # The dataset is in the temp file; only the command set goes in the header message.
+            dataset, req.DataSet = req.DataSet, None
+            try:
+                msg.primitive_to_message(req)
+            finally:
+                req.DataSet = dataset
+            command = encode_command(msg.command_set)
+            offset = dataset_offset(path)
+            length = path.stat().st_size - offset
+            lcfg = relayed.listener
+            coro = self._send_store(relayed, subject, event, command, path, offset, length)
+            # The whole transfer is bounded by per-chunk timeouts; the final wait by request_s.
+            budget = lcfg.timeouts.request_s + lcfg.timeouts.chunk_ack_s * (
+                2 + length // self.nats_cfg.chunk_size
+            )
+            return self._call(coro, budget)  # type: ignore[no-any-return]
+
+        return self._relay(event, "C-STORE", run)
+
+    async def _single(
+        self, subject: str, hdr: RequestHeader, body: bytes, timeout: float
+    ) -> Dataset:
+        inbox, queue = self.transport.replies.new_inbox()
+        try:
+            await self.transport.publish(subject, envelope.encode(hdr, body), reply=inbox)
+            return await self._await_response(queue, hdr.op_id, timeout)
+        finally:
+            self.transport.replies.release(inbox)
+
+    async def _await_response(
+        self, queue: asyncio.Queue[Any], op_id: int, timeout: float
+    ) -> Dataset:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RelayError(statuses.FAR_SIDE_TIMEOUT)
+            try:
+                msg = await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
+            header, body = self._decode_reply(msg)
+            if header is None or getattr(header, "op_id", None) != op_id:
+                continue
+            if isinstance(header, ErrorHeader):
+                raise RelayError(_FAILURES[header.reason], header.comment)
+            if isinstance(header, ResponseHeader):
+                try:
+                    return decode_command(body[: header.command_length])
+                except Exception:
+                    metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+                    raise RelayError(statuses.PROTOCOL_ERROR) from None
+
+    def _decode_reply(self, msg: Any) -> tuple[Any, memoryview]:
+        try:
+            return envelope.decode(msg.data)
+        except EnvelopeError as exc:
+            metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
+            return None, memoryview(b"")
+
+    async def _send_store(
+        self,
+        relayed: RelayedAssociation,
+        subject: str,
+        event: evt.Event,
+        command: bytes,
+        path: Path,
+        offset: int,
+        length: int,
+    ) -> Dataset:
+        lcfg = relayed.listener
+        chunk_size = self.nats_cfg.chunk_size
+        op_id = relayed.next_op()
+        base = {
+            "op_id": op_id,
+            "service": "C-STORE",
+            "abstract_syntax": str(event.context.abstract_syntax),
+            "transfer_syntax": str(event.context.transfer_syntax),
+            "command_length": len(command),
+            "dataset_length": length,
+        }
+        inbox, queue = self.transport.replies.new_inbox()
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                if length <= chunk_size:
+                    data = fh.read(length)
+                    digest = hashlib.sha256(data).hexdigest()
+                    hdr = RequestHeader(**base, inline=True, digest=digest)
+                    await self.transport.publish(
+                        subject, envelope.encode(hdr, command + data), reply=inbox
+                    )
+                    metrics.BYTES.labels(direction="sent").inc(length)
+                    return await self._await_response(queue, op_id, lcfg.timeouts.request_s)
+                count = -(-length // chunk_size)
+                hdr = RequestHeader(**base, inline=False, chunk_count=count)
+                await self.transport.publish(subject, envelope.encode(hdr, command), reply=inbox)
+                hasher = hashlib.sha256()
+                in_flight = 0
+                sent = 0
+                for seq in range(count):
+                    while in_flight >= self.nats_cfg.window_chunks:
+                        await self._await_ack(queue, op_id, lcfg.timeouts.chunk_ack_s)
+                        in_flight -= 1
+                    data = fh.read(min(chunk_size, length - sent))
+                    hasher.update(data)
+                    final = seq == count - 1
+                    chdr = ChunkHeader(
+                        op_id=op_id,
+                        seq=seq,
+                        offset=sent,
+                        final=final,
+                        digest=hasher.hexdigest() if final else None,
+                    )
+                    await self.transport.publish(subject, envelope.encode(chdr, data), reply=inbox)
+                    sent += len(data)
+                    metrics.BYTES.labels(direction="sent").inc(len(data))
+                    if not final:
+                        in_flight += 1
+                return await self._await_response(queue, op_id, lcfg.timeouts.request_s)
+        finally:
+            self.transport.replies.release(inbox)
+
+    async def _await_ack(self, queue: asyncio.Queue[Any], op_id: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RelayError(statuses.FAR_SIDE_TIMEOUT, "chunk not acknowledged")
+            try:
+                msg = await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                raise RelayError(statuses.FAR_SIDE_TIMEOUT, "chunk not acknowledged") from None
+            header, _ = self._decode_reply(msg)
+            if isinstance(header, AckHeader) and header.op_id == op_id:
+                return
+            if isinstance(header, ErrorHeader) and header.op_id == op_id:
+                raise RelayError(_FAILURES[header.reason], header.comment)
+
+    def _on_closed(self, event: evt.Event, mode: str) -> None:
+        relayed = self._relayed.pop(id(event.assoc), None)
+        if relayed is None or not relayed.session_subject:
+            return
+        metrics.ACTIVE_SESSIONS.labels(role="listener").dec()
+        subject = relayed.session_subject
+        LOG.info("association closed", extra={**relayed.log_extra, "mode": mode})
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await self.transport.publish(
+                    subject,
+                    envelope.encode(CloseHeader(mode=mode)),  # type: ignore[arg-type]
+                )
+
+        with contextlib.suppress(Exception):
+            self.transport.submit(close())

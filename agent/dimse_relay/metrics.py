@@ -1,0 +1,63 @@
+"""Prometheus metrics. Labels carry service names, roles and status classes, never AE titles
+chosen by remote peers or anything from a dataset (no patient data in metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ASSOCIATIONS = Counter(
+    "dimse_relay_associations",
+    "DICOM associations handled, by role (listener/target) and result",
+    ["role", "result"],
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "dimse_relay_requests",
+    "DIMSE requests relayed, by role, service and status class of the response",
+    ["role", "service", "status"],
+    registry=REGISTRY,
+)
+BYTES = Counter(
+    "dimse_relay_dataset_bytes",
+    "Dataset bytes relayed, by direction (sent/received over NATS)",
+    ["direction"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "dimse_relay_request_seconds",
+    "Time from a DIMSE request at the listener to its response, by service",
+    ["service"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+WIRE_REJECTED = Counter(
+    "dimse_relay_wire_rejected",
+    "NATS messages dropped because they were not valid relay messages, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+NATS_CONNECTED = Gauge(
+    "dimse_relay_nats_connected", "1 while the NATS connection is up", registry=REGISTRY
+)
+NATS_RECONNECTS = Counter("dimse_relay_nats_reconnects", "NATS reconnections", registry=REGISTRY)
+ACTIVE_SESSIONS = Gauge(
+    "dimse_relay_active_associations",
+    "Associations currently open, by role",
+    ["role"],
+    registry=REGISTRY,
+)
+
+
+def status_class(status: int) -> str:
+    """Map a DIMSE status to its class: success, warning, pending, cancel, failure."""
+    if status == 0x0000:
+        return "success"
+    if status in (0xFF00, 0xFF01):
+        return "pending"
+    if status == 0xFE00:
+        return "cancel"
+    if status == 0x0001 or (status & 0xF000) == 0xB000 or status == 0x0107 or status == 0x0116:
+        return "warning"
+    return "failure"

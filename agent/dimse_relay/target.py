@@ -1,0 +1,486 @@
+"""Targets: NATS subscribers that forward relayed associations to a real local SCP.
+
+For each target AE title the agent joins the queue group on ``<prefix>.v1.aet.<T>.open``, so
+replicas share associations and exactly one of them handles each. An OPEN makes this agent
+associate with the real SCP (same calling AE title, same proposed contexts) and answer with
+what the SCP accepted plus a session subject that only this agent subscribes to. Every DIMSE
+request of that association then arrives on the session subject.
+
+pynetdicom calls block, so each session owns one worker thread; NATS handling stays on the
+asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from nats.aio.msg import Msg
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+from dimse_relay import envelope, metrics, subjects
+from dimse_relay.config import AgentConfig, TargetConfig
+from dimse_relay.dicom import (
+    NODELAY_HANDLER,
+    decode_command,
+    encode_command,
+    requested_contexts,
+    write_part10_header,
+)
+from dimse_relay.envelope import (
+    AckHeader,
+    ChunkHeader,
+    CloseHeader,
+    ContextResult,
+    EnvelopeError,
+    ErrorHeader,
+    OpenHeader,
+    OpenResultHeader,
+    RequestHeader,
+    ResponseHeader,
+)
+from dimse_relay.transport import NatsTransport
+
+LOG = logging.getLogger("dimse_relay.target")
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        LOG.error("target task failed", exc_info=(type(exc), exc, exc.__traceback__))
+
+
+@dataclass
+class _Upload:
+    """A C-STORE dataset arriving in chunks, spooled to a temp file."""
+
+    header: RequestHeader
+    command: Dataset
+    path: Path
+    fh: IO[bytes]
+    reply: str
+    next_seq: int = 0
+    received: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class TargetSession:
+    """One relayed association: the real association to the SCP plus in-flight uploads."""
+
+    def __init__(self, server: TargetServer, cfg: TargetConfig, open_hdr: OpenHeader):
+        self.server = server
+        self.cfg = cfg
+        self.open_hdr = open_hdr
+        self.session_id = uuid.uuid4().hex
+        self.subject = subjects.session_subject(
+            server.agent_cfg.nats.subject_prefix, cfg.ae_title, self.session_id
+        )
+        self.reply_inbox = open_hdr.reply_inbox
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session")
+        self.assoc: Any = None
+        self.uploads: dict[int, _Upload] = {}
+        self.last_activity = time.monotonic()
+        self.sub: Any = None
+        self.closed = False
+        self.log_extra = {"assoc_id": open_hdr.assoc_id, "target": cfg.ae_title}
+
+    # -- association with the real SCP (worker thread) -----------------------------------
+    def _associate(self) -> OpenResultHeader:
+        calling = self.cfg.calling_ae_title or self.open_hdr.calling_ae_title
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = min(self.cfg.timeouts.acse_s, self.open_hdr.timeout_s)
+        ae.dimse_timeout = self.cfg.timeouts.dimse_s
+        ae.network_timeout = self.cfg.timeouts.network_s
+        ae.connection_timeout = min(self.cfg.timeouts.connect_s, self.open_hdr.timeout_s)
+        if self.cfg.max_pdu:
+            ae.maximum_pdu_size = self.cfg.max_pdu
+        contexts = requested_contexts(self.open_hdr.contexts)
+        ext_neg = []
+        for prop in self.open_hdr.contexts:
+            if prop.scu_role is not None or prop.scp_role is not None:
+                item = SCP_SCU_RoleSelectionNegotiation()
+                item.sop_class_uid = prop.abstract_syntax
+                item.scu_role = bool(prop.scu_role)
+                item.scp_role = bool(prop.scp_role)
+                ext_neg.append(item)
+        assoc = ae.associate(
+            self.cfg.host,
+            self.cfg.port,
+            contexts=contexts,
+            ae_title=self.cfg.scp_ae_title,
+            ext_neg=ext_neg or None,
+            evt_handlers=[NODELAY_HANDLER],
+        )
+        if assoc.is_established:
+            self.assoc = assoc
+            accepted = []
+            # pynetdicom numbers our proposal 1, 3, 5 ... in order; map back to the SCU's ids.
+            ours = {cx.context_id: cx for cx in assoc.accepted_contexts}
+            for index, prop in enumerate(self.open_hdr.contexts):
+                cx = ours.get(2 * index + 1)
+                if cx is None:
+                    continue
+                accepted.append(
+                    ContextResult(
+                        id=prop.id,
+                        abstract_syntax=str(cx.abstract_syntax),
+                        transfer_syntax=str(cx.transfer_syntax[0]),
+                        scu_role=cx.as_scu if prop.scu_role is not None else None,
+                        scp_role=cx.as_scp if prop.scp_role is not None else None,
+                    )
+                )
+            metrics.ASSOCIATIONS.labels(role="target", result="accepted").inc()
+            return OpenResultHeader(
+                assoc_id=self.open_hdr.assoc_id,
+                result="accepted",
+                session_subject=self.subject,
+                accepted=accepted,
+            )
+        if assoc.is_rejected:
+            prim = assoc.acceptor.primitive
+            metrics.ASSOCIATIONS.labels(role="target", result="rejected").inc()
+            return OpenResultHeader(
+                assoc_id=self.open_hdr.assoc_id,
+                result="rejected",
+                reject_result=int(prim.result),
+                reject_source=int(prim.result_source),
+                reject_reason=int(prim.diagnostic),
+            )
+        metrics.ASSOCIATIONS.labels(role="target", result="failed").inc()
+        return OpenResultHeader(
+            assoc_id=self.open_hdr.assoc_id,
+            result="failed",
+            failure="target_unreachable",
+            comment="target SCP refused the connection or aborted the association",
+        )
+
+    def _send_echo(self) -> Dataset:
+        return self.assoc.send_c_echo()  # type: ignore[no-any-return]
+
+    def _send_store(self, command: Dataset, path: Path) -> Dataset:
+        kwargs: dict[str, Any] = {"priority": int(getattr(command, "Priority", 2))}
+        if "MoveOriginatorApplicationEntityTitle" in command:
+            kwargs["originator_aet"] = command.MoveOriginatorApplicationEntityTitle
+            kwargs["originator_id"] = int(command.MoveOriginatorMessageID)
+        return self.assoc.send_c_store(path, **kwargs)  # type: ignore[no-any-return]
+
+    def _release(self, mode: str) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            if mode == "abort":
+                self.assoc.abort()
+            else:
+                self.assoc.release()
+
+    # -- messages from the listener (loop) ----------------------------------------------
+    async def on_message(self, msg: Msg) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            header, body = envelope.decode(msg.data)
+        except EnvelopeError as exc:
+            metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
+            LOG.warning(
+                "dropped invalid session message", extra={**self.log_extra, "why": str(exc)}
+            )
+            return
+        if isinstance(header, RequestHeader):
+            await self._on_request(header, body, msg.reply)
+        elif isinstance(header, ChunkHeader):
+            await self._on_chunk(header, body, msg.reply)
+        elif isinstance(header, CloseHeader):
+            # Not awaited here: close() unsubscribes, which cancels this very callback's task.
+            self.server.track(asyncio.ensure_future(self.close(header.mode)))
+        else:
+            metrics.WIRE_REJECTED.labels(reason="unexpected_kind").inc()
+
+    async def _reply_error(self, reply: str, op_id: int, reason: str, comment: str) -> None:
+        if reply:
+            hdr = ErrorHeader(op_id=op_id, reason=reason, comment=comment)  # type: ignore[arg-type]
+            await self.server.transport.publish(reply, envelope.encode(hdr))
+
+    async def _on_request(self, hdr: RequestHeader, body: memoryview, reply: str) -> None:
+        if not reply:
+            metrics.WIRE_REJECTED.labels(reason="no_reply_subject").inc()
+            return
+        if hdr.command_length > len(body):
+            metrics.WIRE_REJECTED.labels(reason="truncated").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "command set truncated")
+            return
+        try:
+            command = decode_command(body[: hdr.command_length])
+        except Exception:
+            metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "command set undecodable")
+            return
+        if self.assoc is None or not self.assoc.is_established:
+            await self._reply_error(
+                reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
+            )
+            return
+        if hdr.service == "C-ECHO":
+            await self._run_and_reply(hdr, reply, self._send_echo)
+        elif hdr.service == "C-STORE":
+            await self._start_store(hdr, command, body[hdr.command_length :], reply)
+        else:
+            await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not relayed")
+
+    async def _start_store(
+        self, hdr: RequestHeader, command: Dataset, rest: memoryview, reply: str
+    ) -> None:
+        if hdr.dataset_length < 0 or len(self.uploads) >= 4:
+            metrics.WIRE_REJECTED.labels(reason="bad_request").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE request")
+            return
+        work = self.server.spool_dir
+        fd, name = tempfile.mkstemp(prefix="store-", suffix=".dcm", dir=work)
+        fh = os.fdopen(fd, "wb")
+        up = _Upload(header=hdr, command=command, path=Path(name), fh=fh, reply=reply)
+        try:
+            write_part10_header(
+                fh,
+                str(command.AffectedSOPClassUID),
+                str(command.AffectedSOPInstanceUID),
+                hdr.transfer_syntax,
+            )
+        except Exception:
+            up.discard()
+            await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE command set")
+            return
+        if hdr.inline:
+            if len(rest) != hdr.dataset_length:
+                up.discard()
+                metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
+                await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
+                return
+            up.fh.write(rest)
+            up.digest.update(rest)
+            up.received = len(rest)
+            await self._finish_store(up, hdr.digest)
+            return
+        if hdr.op_id in self.uploads:
+            self.uploads.pop(hdr.op_id).discard()
+        self.uploads[hdr.op_id] = up
+
+    async def _on_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
+        up = self.uploads.get(hdr.op_id)
+        if up is None:
+            metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "chunk for unknown operation")
+            return
+        reason = None
+        if hdr.seq != up.next_seq or hdr.offset != up.received:
+            reason = "out_of_order"
+        elif (
+            up.received + len(body) > up.header.dataset_length
+            or len(body) > self.server.agent_cfg.nats.chunk_size
+        ):
+            reason = "oversized"
+        if reason is not None:
+            metrics.WIRE_REJECTED.labels(reason=reason).inc()
+            LOG.warning("chunk rejected", extra={**self.log_extra, "why": reason})
+            self.uploads.pop(hdr.op_id).discard()
+            await self._reply_error(up.reply, hdr.op_id, "protocol", f"chunk {reason}")
+            return
+        up.fh.write(body)
+        up.digest.update(body)
+        up.received += len(body)
+        up.next_seq += 1
+        metrics.BYTES.labels(direction="received").inc(len(body))
+        if hdr.final:
+            self.uploads.pop(hdr.op_id)
+            await self._finish_store(up, hdr.digest)
+        elif reply:
+            await self.server.transport.publish(
+                reply, envelope.encode(AckHeader(op_id=hdr.op_id, seq=hdr.seq))
+            )
+
+    async def _finish_store(self, up: _Upload, digest: str | None) -> None:
+        up.fh.close()
+        if up.received != up.header.dataset_length or (
+            digest is not None and digest != up.digest.hexdigest()
+        ):
+            why = "length_mismatch" if up.received != up.header.dataset_length else "bad_digest"
+            metrics.WIRE_REJECTED.labels(reason=why).inc()
+            up.discard()
+            await self._reply_error(up.reply, up.header.op_id, "protocol", f"dataset {why}")
+            return
+
+        def store() -> Dataset:
+            try:
+                return self._send_store(up.command, up.path)
+            finally:
+                up.discard()
+
+        await self._run_and_reply(up.header, up.reply, store)
+
+    async def _run_and_reply(self, hdr: RequestHeader, reply: str, func: Any) -> None:
+        """Run one DIMSE operation on the session thread; publish its response when done."""
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                status: Dataset = await loop.run_in_executor(self.worker, func)
+            except Exception as exc:
+                LOG.warning(
+                    "target operation failed", extra={**self.log_extra, "error": type(exc).__name__}
+                )
+                status = Dataset()
+            if "Status" not in status:
+                # No response: the SCP aborted, timed out or the association is gone.
+                metrics.REQUESTS.labels(role="target", service=hdr.service, status="none").inc()
+                await self._reply_error(
+                    reply, hdr.op_id, "target_unreachable", "no response from the target SCP"
+                )
+                return
+            metrics.REQUESTS.labels(
+                role="target", service=hdr.service, status=metrics.status_class(int(status.Status))
+            ).inc()
+            raw = encode_command(status)
+            out = ResponseHeader(op_id=hdr.op_id, final=True, command_length=len(raw))
+            with contextlib.suppress(Exception):
+                await self.server.transport.publish(reply, envelope.encode(out, raw))
+
+        task = asyncio.ensure_future(run())
+        self.server.track(task)
+
+    async def close(self, mode: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.sessions.pop(self.session_id, None)
+        metrics.ACTIVE_SESSIONS.labels(role="target").set(len(self.server.sessions))
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+        for up in self.uploads.values():
+            up.discard()
+        self.uploads.clear()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            await loop.run_in_executor(self.worker, self._release, mode)
+        self.worker.shutdown(wait=False)
+        LOG.info("target session closed", extra={**self.log_extra, "mode": mode})
+
+
+class TargetServer:
+    """All targets of one agent."""
+
+    def __init__(self, agent_cfg: AgentConfig, transport: NatsTransport):
+        self.agent_cfg = agent_cfg
+        self.transport = transport
+        self.sessions: dict[str, TargetSession] = {}
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.spool_dir = agent_cfg.work_dir / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._subscribed = False
+        self._reaper: asyncio.Task[None] | None = None
+
+    def track(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    async def subscribe(self) -> None:
+        """(Re)subscribe the open subjects; nats-py restores them itself after reconnects."""
+        if self._subscribed:
+            return
+        prefix = self.agent_cfg.nats.subject_prefix
+        for tcfg in self.agent_cfg.targets:
+            subject = subjects.open_subject(prefix, tcfg.ae_title)
+            await self.transport.subscribe(
+                subject, self._open_handler(tcfg), queue=subjects.open_queue_group(tcfg.ae_title)
+            )
+            LOG.info("target subscribed", extra={"target": tcfg.ae_title, "subject": subject})
+        self._subscribed = True
+        self._reaper = asyncio.ensure_future(self._reap_idle())
+
+    def _open_handler(self, tcfg: TargetConfig) -> Any:
+        async def handle(msg: Msg) -> None:
+            try:
+                header, _body = envelope.decode(msg.data)
+            except EnvelopeError as exc:
+                metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
+                LOG.warning("dropped invalid open message", extra={"why": str(exc)})
+                return
+            if not isinstance(header, OpenHeader) or not msg.reply:
+                metrics.WIRE_REJECTED.labels(reason="unexpected_kind").inc()
+                return
+            task = asyncio.ensure_future(self._open(tcfg, header, msg.reply))
+            self.track(task)
+
+        return handle
+
+    async def _open(self, tcfg: TargetConfig, hdr: OpenHeader, reply: str) -> None:
+        if len([s for s in self.sessions.values() if s.cfg is tcfg]) >= tcfg.max_sessions:
+            result = OpenResultHeader(
+                assoc_id=hdr.assoc_id,
+                result="rejected",
+                reject_result=2,
+                reject_source=3,
+                reject_reason=2,
+                comment="target busy",
+            )
+            await self.transport.publish(reply, envelope.encode(result))
+            return
+        session = TargetSession(self, tcfg, hdr)
+        session.sub = await self.transport.subscribe(session.subject, session.on_message)
+        self.sessions[session.session_id] = session
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            result = await loop.run_in_executor(session.worker, session._associate)
+            if time.monotonic() - started > hdr.timeout_s:
+                # The listener has given up waiting; nobody will use or close this association.
+                result = OpenResultHeader(assoc_id=hdr.assoc_id, result="failed", failure="timeout")
+        except Exception as exc:
+            LOG.warning(
+                "association with target failed",
+                extra={**session.log_extra, "error": type(exc).__name__},
+            )
+            result = OpenResultHeader(
+                assoc_id=hdr.assoc_id, result="failed", failure="target_unreachable"
+            )
+        LOG.info(
+            "target association opened",
+            extra={**session.log_extra, "result": result.result, "contexts": len(result.accepted)},
+        )
+        if result.result != "accepted":
+            await session.close("abort")
+        else:
+            metrics.ACTIVE_SESSIONS.labels(role="target").set(len(self.sessions))
+        try:
+            await self.transport.publish(reply, envelope.encode(result))
+        except Exception:
+            await session.close("abort")
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_activity > session.cfg.timeouts.session_idle_s and not (
+                    session.uploads
+                ):
+                    LOG.warning("closing idle target session", extra=session.log_extra)
+                    await session.close("release")
+
+    async def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            await session.close("release")

@@ -1,0 +1,217 @@
+"""NATS transport: one TLS (mTLS) connection per agent, on an asyncio loop in its own thread.
+
+This module is the single bridge between pynetdicom's threads and asyncio: DIMSE handlers call
+:meth:`NatsTransport.call` to run a coroutine on the loop and wait for its result with a
+timeout. Everything that touches the NATS client runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from dimse_relay import metrics
+from dimse_relay.config import NATSConfig
+
+LOG = logging.getLogger("dimse_relay.transport")
+T = TypeVar("T")
+MessageHandler = Callable[[Msg], Awaitable[None]]
+
+
+class NotConnected(RuntimeError):
+    """NATS is not connected right now."""
+
+
+def build_tls_context(cfg: NATSConfig) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.tls.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
+    return ctx
+
+
+class ReplyRouter:
+    """One wildcard inbox subscription; replies are routed to per-operation queues by token."""
+
+    def __init__(self, inbox_root: str):
+        self.inbox_root = inbox_root
+        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+
+    def new_inbox(self) -> tuple[str, asyncio.Queue[Msg]]:
+        token = uuid.uuid4().hex
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queues[token] = queue
+        return f"{self.inbox_root}.{token}", queue
+
+    def release(self, inbox: str) -> None:
+        self._queues.pop(inbox.rsplit(".", 1)[-1], None)
+
+    async def dispatch(self, msg: Msg) -> None:
+        queue = self._queues.get(msg.subject.rsplit(".", 1)[-1])
+        if queue is None:
+            metrics.WIRE_REJECTED.labels(reason="no_such_inbox").inc()
+            return
+        queue.put_nowait(msg)
+
+
+class NatsTransport:
+    def __init__(self, cfg: NATSConfig, agent_name: str):
+        self.cfg = cfg
+        self.agent_name = agent_name
+        self.loop = asyncio.new_event_loop()
+        self.nc: NatsClient | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="nats-loop", daemon=True)
+        self._connected = threading.Event()
+        self._stopping = False
+        self._on_connect: list[Callable[[], Awaitable[None]]] = []
+        self.replies = ReplyRouter(f"{cfg.inbox_prefix}.{uuid.uuid4().hex}")
+
+    # -- thread bridge -------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the NATS loop from a pynetdicom thread and wait for its result."""
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError("relay operation timed out") from None
+
+    # -- connection ----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def start(self) -> None:
+        self._thread.start()
+        self.submit(self._connect_forever())
+
+    def on_connect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` on the loop once connected (and now, if already connected)."""
+        self._on_connect.append(callback)
+        if self.connected:
+            self.submit(callback())  # type: ignore[arg-type]
+
+    async def _connect_forever(self) -> None:
+        delay = self.cfg.reconnect_wait_s
+        while not self._stopping:
+            try:
+                await self._connect_once()
+                return
+            except Exception as exc:
+                LOG.warning(
+                    "NATS connect failed, retrying",
+                    extra={"error": type(exc).__name__, "detail": str(exc)[:200], "retry_s": delay},
+                )
+                metrics.NATS_CONNECTED.set(0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.max_reconnect_wait_s)
+
+    async def _connect_once(self) -> None:
+        async def disconnected() -> None:
+            metrics.NATS_CONNECTED.set(0)
+            LOG.warning("NATS disconnected")
+
+        async def reconnected() -> None:
+            metrics.NATS_CONNECTED.set(1)
+            metrics.NATS_RECONNECTS.inc()
+            LOG.info("NATS reconnected", extra={"server": str(self.nc and self.nc.connected_url)})
+
+        async def error(exc: Exception) -> None:
+            LOG.warning("NATS error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+
+        async def closed() -> None:
+            metrics.NATS_CONNECTED.set(0)
+
+        options: dict[str, Any] = {
+            "servers": self.cfg.servers,
+            "name": self.cfg.name or f"dimse-relay/{self.agent_name}",
+            "connect_timeout": self.cfg.connect_timeout_s,
+            "reconnect_time_wait": self.cfg.reconnect_wait_s,
+            "max_reconnect_attempts": -1,
+            "allow_reconnect": True,
+            "inbox_prefix": self.cfg.inbox_prefix,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+            "closed_cb": closed,
+            "pending_size": 64 * 1024 * 1024,
+        }
+        tls = build_tls_context(self.cfg)
+        if tls is not None:
+            options["tls"] = tls
+            if self.cfg.tls is not None and self.cfg.tls.server_hostname:
+                options["tls_hostname"] = self.cfg.tls.server_hostname
+        if self.cfg.user:
+            options["user"] = self.cfg.user
+            options["password"] = self.cfg.password
+        if self.cfg.creds_file:
+            options["user_credentials"] = str(self.cfg.creds_file)
+        nc = await nats.connect(**options)
+        self.nc = nc
+        await nc.subscribe(f"{self.replies.inbox_root}.*", cb=self.replies.dispatch)
+        metrics.NATS_CONNECTED.set(1)
+        self._connected.set()
+        LOG.info("NATS connected", extra={"server": str(nc.connected_url)})
+        for callback in self._on_connect:
+            await callback()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def client(self) -> NatsClient:
+        if self.nc is None or not self.nc.is_connected:
+            raise NotConnected("NATS is not connected")
+        return self.nc
+
+    async def subscribe(
+        self, subject: str, handler: MessageHandler, queue: str = ""
+    ) -> Subscription:
+        nc = self.nc
+        if nc is None:
+            raise NotConnected("NATS is not connected")
+        return await nc.subscribe(subject, queue=queue, cb=handler, pending_bytes_limit=256 << 20)
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        await self.client().publish(subject, payload, reply=reply)
+
+    async def flush(self, timeout: float) -> None:
+        await self.client().flush(timeout=timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+
+        async def _close() -> None:
+            if self.nc is not None and not self.nc.is_closed:
+                try:
+                    await self.nc.drain()
+                except Exception:  # noqa: S110 - best effort at shutdown
+                    pass
+
+        if self._thread.is_alive():
+            try:
+                self.submit(_close()).result(timeout)
+            except Exception:  # noqa: S110 - best effort at shutdown
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
