@@ -1,0 +1,206 @@
+"""Filters shared by the dimse_relay.deploy roles.
+
+The NATS permissions the collection renders must name exactly the subjects the agent uses, so
+``aet_subject_token`` re-implements ``dimse_relay.subjects.encode_aet`` (the collection must work
+on a controller that does not have the agent installed). tests/test_ansible_filters.py checks
+that both agree on every printable ASCII character and on random AE titles.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any
+
+DOCUMENTATION = ""  # documented per filter in the YAML files next to this module
+
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_SITE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SUBJECT_VERSION = "v1"
+LISTENER_KEYS = (
+    "ae_title",
+    "remote_ae_title",
+    "bind",
+    "port",
+    "mode",
+    "allowed_calling_aets",
+    "max_associations",
+    "max_pdu",
+    "timeouts",
+)
+TARGET_KEYS = (
+    "ae_title",
+    "host",
+    "port",
+    "called_ae_title",
+    "calling_ae_title",
+    "max_sessions",
+    "max_pdu",
+    "timeouts",
+)
+
+
+class FilterError(ValueError):
+    pass
+
+
+def aet_subject_token(ae_title: str) -> str:
+    """One NATS subject token for an AE title (same rule as dimse_relay.subjects.encode_aet)."""
+    if not isinstance(ae_title, str):
+        raise FilterError(f"aet_subject_token: expected a string, got {type(ae_title).__name__}")
+    stripped = ae_title.strip(" ")
+    if not stripped:
+        raise FilterError("aet_subject_token: empty AE title")
+    try:
+        raw = stripped.encode("ascii")
+    except UnicodeEncodeError:
+        raise FilterError(f"aet_subject_token: AE title is not ASCII: {ae_title!r}") from None
+    return "".join(chr(b) if chr(b) in _SAFE else f"~{b:02X}" for b in raw)
+
+
+def _far_aet(listener: dict[str, Any]) -> str:
+    return str(listener.get("remote_ae_title") or listener["ae_title"]).strip(" ")
+
+
+def relay_inbox_prefix(site: str) -> str:
+    """The reply-inbox prefix of a site's agents: only that site may subscribe below it."""
+    return f"_INBOX.{site}"
+
+
+def relay_site_permissions(sites: dict[str, Any], site: str, prefix: str = "dimse") -> dict:
+    """Least-privilege NATS permissions for the agents (and leaf node) of one site.
+
+    Listener side: publish the open and session subjects of the AETs it relays to, subscribe
+    its own reply inbox. Target side: subscribe the open and session subjects of its own AETs,
+    publish replies into the inboxes of the sites whose listeners relay to those AETs.
+    """
+    if site not in sites:
+        raise FilterError(f"relay_site_permissions: unknown site {site!r}")
+    spec = sites[site] or {}
+    publish: list[str] = []
+    subscribe: list[str] = []
+
+    def root(aet: str) -> str:
+        return f"{prefix}.{SUBJECT_VERSION}.aet.{aet_subject_token(aet)}"
+
+    listeners = spec.get("listeners") or []
+    for lst in listeners:
+        publish += [f"{root(_far_aet(lst))}.open", f"{root(_far_aet(lst))}.session.>"]
+    if listeners:
+        subscribe.append(f"{relay_inbox_prefix(site)}.>")
+    own = {str(t["ae_title"]).strip(" ") for t in spec.get("targets") or []}
+    for aet in sorted(own):
+        subscribe += [f"{root(aet)}.open", f"{root(aet)}.session.>"]
+    for other in sorted(sites):
+        if any(_far_aet(lst) in own for lst in (sites[other] or {}).get("listeners") or []):
+            publish.append(f"{relay_inbox_prefix(other)}.>")
+
+    def side(subjects: list[str]) -> dict[str, list[str]]:
+        unique = list(dict.fromkeys(subjects))
+        return {"allow": unique} if unique else {"deny": [">"]}
+
+    return {"publish": side(publish), "subscribe": side(subscribe)}
+
+
+def relay_client_dn(host: str, site: str, kind: str = "agent", org: str = "dimse-relay") -> str:
+    """RFC 2253 subject of a client certificate, as nats-server's verify_and_map reads it.
+
+    The PKI role issues the certificate with subject O=org, OU=site, CN=<kind>.<host>; NATS
+    prints RDNs last first.
+    """
+    if kind not in ("agent", "leaf"):
+        raise FilterError(f"relay_client_dn: kind must be agent or leaf, got {kind!r}")
+    for name, value in (("host", host), ("site", site), ("org", org)):
+        if not value or any(c in str(value) for c in ',+"\\<>;='):
+            raise FilterError(f"relay_client_dn: {name} {value!r} needs no DN escaping")
+    return f"CN={kind}.{host},OU={site},O={org}"
+
+
+def _ae_problem(where: str, value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip(" "):
+        return f"{where}: AE title must be a non-empty string"
+    if len(value) > 16:
+        return f"{where}: AE title {value!r} is longer than 16 characters"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
+        return f"{where}: AE title {value!r} may only contain printable ASCII except backslash"
+    return None
+
+
+def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str]:
+    """Everything wrong with the sites model, one message per problem, naming the variable."""
+    if not isinstance(sites, dict) or not sites:
+        return [f"{var}: must be a non-empty mapping of site name to site"]
+    problems: list[str] = []
+    served: dict[str, str] = {}
+    for name, spec in sites.items():
+        here = f"{var}.{name}"
+        if not isinstance(name, str) or not _SITE.match(name):
+            problems.append(f"{here}: site names are lower-case letters, digits, '_' and '-'")
+        spec = spec or {}
+        if spec.get("zone") not in ("edge", "cloud"):
+            problems.append(f"{here}.zone: must be 'edge' or 'cloud'")
+        ports: dict[tuple[str, int], str] = {}
+        for idx, lst in enumerate(spec.get("listeners") or []):
+            w = f"{here}.listeners[{idx}]"
+            unknown = sorted(set(lst) - set(LISTENER_KEYS))
+            if unknown:
+                problems.append(f"{w}: unknown keys {unknown}")
+            for key in ("ae_title", "remote_ae_title"):
+                if key in lst and lst[key] is not None:
+                    problem = _ae_problem(f"{w}.{key}", lst[key])
+                    if problem:
+                        problems.append(problem)
+            for idx2, aet in enumerate(lst.get("allowed_calling_aets") or []):
+                problem = _ae_problem(f"{w}.allowed_calling_aets[{idx2}]", aet)
+                if problem:
+                    problems.append(problem)
+            port = lst.get("port")
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                problems.append(f"{w}.port: must be an integer 1-65535")
+                continue
+            key = (str(lst.get("bind", "0.0.0.0")), port)  # noqa: S104
+            clash = [k for k in ports if k[1] == port and "0.0.0.0" in (k[0], key[0])]  # noqa: S104
+            if key in ports or clash:
+                other = ports.get(key) or ports[clash[0]]
+                problems.append(f"{w}.port: port {port} is already used by {other}")
+            ports[key] = w
+        for idx, tgt in enumerate(spec.get("targets") or []):
+            w = f"{here}.targets[{idx}]"
+            unknown = sorted(set(tgt) - set(TARGET_KEYS))
+            if unknown:
+                problems.append(f"{w}: unknown keys {unknown}")
+            for key in ("ae_title", "called_ae_title", "calling_ae_title"):
+                if key in tgt and tgt[key] is not None:
+                    problem = _ae_problem(f"{w}.{key}", tgt[key])
+                    if problem:
+                        problems.append(problem)
+            if not tgt.get("host"):
+                problems.append(f"{w}.host: required")
+            if not isinstance(tgt.get("port"), int):
+                problems.append(f"{w}.port: must be an integer 1-65535")
+            aet = str(tgt.get("ae_title", "")).strip(" ")
+            if aet in served:
+                problems.append(f"{w}.ae_title: AE title {aet!r} is already served by {served[aet]}")
+            else:
+                served[aet] = w
+    for name, spec in sites.items():
+        for idx, lst in enumerate((spec or {}).get("listeners") or []):
+            if "ae_title" not in lst or not isinstance(lst.get("ae_title"), str):
+                continue
+            far = _far_aet(lst)
+            if far not in served:
+                problems.append(
+                    f"{var}.{name}.listeners[{idx}]: no site has a target for AE title {far!r}"
+                )
+    return problems
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {
+            "aet_subject_token": aet_subject_token,
+            "relay_site_permissions": relay_site_permissions,
+            "relay_client_dn": relay_client_dn,
+            "relay_inbox_prefix": relay_inbox_prefix,
+            "relay_sites_problems": relay_sites_problems,
+        }
