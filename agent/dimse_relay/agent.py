@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -20,9 +23,20 @@ from dimse_relay.transport import NatsTransport
 LOG = logging.getLogger("dimse_relay.agent")
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: it holds DICOM data in transit."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
+        private_dir(cfg.work_dir)
+        # pynetdicom spools incoming C-STORE datasets with tempfile; keep them in work_dir
+        # (0700, on the agent's own volume) rather than in the system temp directory.
+        tempfile.tempdir = str(private_dir(cfg.work_dir / "incoming"))
         self.transport = NatsTransport(cfg.nats, cfg.name)
         self.listeners = ListenerServer(cfg, self.transport)
         self.targets = TargetServer(cfg, self.transport) if cfg.targets else None
@@ -47,7 +61,7 @@ class Agent:
             "version": __version__,
             "ready": ok,
             **detail,
-            "nats_server": str(self.transport.nc.connected_url) if self.transport.nc else None,
+            "nats_server": self.transport.server_url,
             "listeners": [
                 {
                     "ae_title": c.ae_title,
@@ -65,7 +79,6 @@ class Agent:
         }
 
     def start(self) -> None:
-        self.cfg.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.cfg.http.enabled:
             self.health = HealthServer(
                 self.cfg.http.host, self.cfg.http.port, self.ready, self.status
@@ -94,10 +107,8 @@ class Agent:
         LOG.info("agent stopping")
         self.listeners.stop()
         if self.targets is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort at shutdown
                 self.transport.submit(self.targets.shutdown()).result(10)
-            except Exception:  # noqa: S110 - best effort at shutdown
-                pass
         self.transport.stop()
         if self.health is not None:
             self.health.stop()

@@ -19,7 +19,8 @@ def _load(path: str) -> object:
         return load_config(Path(path))
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"{path}: {line}", file=sys.stderr)
+            # Errors that carry their own file:line location are printed as they are.
+            print(line if line.startswith(path) else f"{path}: {line}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 

@@ -90,9 +90,6 @@ class NATSConfig(_Strict):
             raise ValueError(
                 "tls is required (set nats.allow_insecure: true only for local experiments)"
             )
-        if self.tls is not None and any(s.startswith("nats://") for s in self.servers):
-            # nats-py upgrades to TLS when a TLS context is given; tls:// makes that explicit.
-            pass
         return self
 
 
@@ -191,12 +188,15 @@ class AgentConfig(_Strict):
     def _consistent(self) -> AgentConfig:
         if not self.listeners and not self.targets:
             raise ValueError("at least one listener or target is required")
-        seen_ports: dict[tuple[str, int], str] = {}
+        seen: set[tuple[str, int, str]] = set()
         for idx, lst in enumerate(self.listeners):
-            key = (lst.bind, lst.port)
-            if key in seen_ports and seen_ports[key] == lst.ae_title:
-                raise ValueError(f"listeners[{idx}]: duplicate listener {lst.ae_title} on {key}")
-            seen_ports[key] = lst.ae_title
+            key = (lst.bind, lst.port, lst.ae_title)
+            if key in seen:
+                raise ValueError(
+                    f"listeners.{idx}: AE title {lst.ae_title} is served twice on "
+                    f"{lst.bind}:{lst.port}"
+                )
+            seen.add(key)
         aets = [t.ae_title for t in self.targets]
         dupes = {a for a in aets if aets.count(a) > 1}
         if dupes:

@@ -3,8 +3,11 @@ command sets and Part 10 files whose dataset bytes are never re-encoded."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,15 +21,33 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import set_ae
 
 from dimse_relay.envelope import ContextProposal, ContextResult
 
+# pynetdicom's DIMSE layer puts every P-DATA primitive of a message on the DUL's unbounded
+# send queue as fast as it can read the dataset file; with a slower peer a large instance ends
+# up queued in memory. Senders wait while this many P-DATA PDUs are queued.
+MAX_QUEUED_PDATA = 32
+_original_send_pdu = DULServiceProvider.send_pdu
+
+
+def _bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:
+    if isinstance(primitive, P_DATA) and threading.current_thread() is not self:
+        queue = self.to_provider_queue
+        while queue.qsize() >= MAX_QUEUED_PDATA and self.is_alive() and not self._kill_thread:
+            time.sleep(0.0005)
+    _original_send_pdu(self, primitive)
+
 
 def configure_pynetdicom(log_identifiers: bool) -> None:
     """Process-wide pynetdicom settings the relay depends on."""
+    # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
+    DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the
     # dataset bytes are passed on exactly as received (no decode/re-encode).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -42,10 +63,8 @@ def configure_pynetdicom(log_identifiers: bool) -> None:
 def _set_nodelay(event: evt.Event) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 # Bind to EVT_CONN_OPEN on every association: DIMSE over loopback or LAN without TCP_NODELAY
@@ -57,6 +76,7 @@ def fallback_contexts() -> list[PresentationContext]:
     """What a listener accepts when the far side cannot be asked: Verification and storage."""
     contexts = [build_context(Verification, ALL_TRANSFER_SYNTAXES)]
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
         contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
     return contexts
 

@@ -20,11 +20,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 
 from dimse_relay import envelope, metrics, statuses, subjects
 from dimse_relay.config import AgentConfig, ListenerConfig
@@ -67,6 +68,26 @@ _FAILURES = {
     "target_unreachable": statuses.TARGET_UNREACHABLE,
     "protocol": statuses.PROTOCOL_ERROR,
 }
+
+
+def _valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
+    """The far target's A-ASSOCIATE-RJ values if they are valid (PS3.8 9.3.4), else
+    rejected-transient / service-user / no reason given."""
+    valid = {1: (1, 2, 3, 7), 2: (1, 2), 3: (1, 2)}
+    res, src, why = result.reject_result, result.reject_source, result.reject_reason
+    if res in (1, 2) and src is not None and why is not None and why in valid.get(src, ()):
+        return res, src, why
+    return 0x02, 0x01, 0x01
+
+
+def _reject(assoc: Any, result: int, source: int, reason: int) -> None:
+    """Send A-ASSOCIATE-RJ from an EVT_REQUESTED handler and wait until it is on the wire.
+
+    pynetdicom closes the socket as soon as the handler returns; without waiting for the DUL
+    to finish (as its own reject path does) the SCU sees a dropped connection, not the RJ.
+    """
+    assoc.acse.send_reject(result, source, reason)
+    assoc.kill()
 
 
 @dataclass
@@ -114,7 +135,7 @@ class ListenerServer:
                 ae.maximum_pdu_size = first.max_pdu
             ae.supported_contexts = self._fallback
             by_aet = {c.ae_title: c for c in lcfgs}
-            handlers = [
+            handlers: list[Any] = [
                 NODELAY_HANDLER,
                 (evt.EVT_REQUESTED, self._on_requested, [by_aet]),
                 (evt.EVT_C_ECHO, self._on_echo),
@@ -143,6 +164,7 @@ class ListenerServer:
     def _on_requested(self, event: evt.Event, by_aet: dict[str, ListenerConfig]) -> None:
         assoc = event.assoc
         prim = assoc.requestor.primitive
+        assert prim is not None  # EVT_REQUESTED fires after the A-ASSOCIATE-RQ is read
         called = str(prim.called_ae_title).strip()
         calling = str(prim.calling_ae_title).strip()
         assoc_id = uuid.uuid4().hex[:16]
@@ -151,13 +173,13 @@ class ListenerServer:
         if lcfg is None:
             LOG.info("association rejected: called AE title not served", extra=log_extra)
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_called_aet").inc()
-            assoc.acse.send_reject(0x01, 0x01, 0x07)
+            _reject(assoc, 0x01, 0x01, 0x07)
             return
         log_extra["listener"] = lcfg.ae_title
         if lcfg.allowed_calling_aets and calling not in lcfg.allowed_calling_aets:
             LOG.info("association rejected: calling AE title not allowed", extra=log_extra)
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_calling_aet").inc()
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            _reject(assoc, 0x01, 0x01, 0x03)
             return
         proposals = proposals_from_primitive(assoc)
         relayed = RelayedAssociation(
@@ -188,11 +210,7 @@ class ListenerServer:
         if result.result == "rejected":
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
             LOG.info("association rejected by the target", extra=log_extra)
-            assoc.acse.send_reject(
-                result.reject_result or 0x02,
-                result.reject_source or 0x01,
-                result.reject_reason or 1,
-            )
+            _reject(assoc, *_valid_reject(result))
             self._relayed.pop(id(assoc), None)
             return
         # The far agent answered but could not reach its SCP: accept locally, fail requests.
@@ -202,11 +220,29 @@ class ListenerServer:
 
     def _open_far(self, relayed: RelayedAssociation) -> OpenResultHeader:
         lcfg = relayed.listener
-        timeout = lcfg.timeouts.open_s
-        return self._call(self._open_far_async(relayed, timeout), timeout + 1.0)
+        timeout_s = lcfg.timeouts.open_s
+        result = cast(
+            OpenResultHeader,
+            self._call(self._open_far_async(relayed, timeout_s), timeout_s + 1.0),
+        )
+        if result.result == "accepted":
+            self._check_session_subject(relayed, result)
+        return result
+
+    def _check_session_subject(self, relayed: RelayedAssociation, result: OpenResultHeader) -> None:
+        """The far agent's session subject, which must be one token under the called AE
+        title's session root: whoever answers an OPEN must not be able to point our datasets
+        at any other subject."""
+        subject = result.session_subject or ""
+        far = relayed.listener.far_ae_title
+        root = subjects.session_subject(self.nats_cfg.subject_prefix, far, "")
+        token = subject.removeprefix(root)
+        if not subject.startswith(root) or not token or not token.isalnum():
+            metrics.WIRE_REJECTED.labels(reason="bad_session_subject").inc()
+            raise RelayError(statuses.PROTOCOL_ERROR, "far agent sent an invalid session subject")
 
     async def _open_far_async(
-        self, relayed: RelayedAssociation, timeout: float
+        self, relayed: RelayedAssociation, timeout_s: float
     ) -> OpenResultHeader:
         lcfg = relayed.listener
         inbox, queue = self.transport.replies.new_inbox()
@@ -217,13 +253,13 @@ class ListenerServer:
                 called_ae_title=lcfg.far_ae_title,
                 contexts=relayed.proposals,
                 reply_inbox=inbox,
-                timeout_s=timeout,
+                timeout_s=timeout_s,
             )
             subject = subjects.open_subject(self.nats_cfg.subject_prefix, lcfg.far_ae_title)
             nc = self.transport.client()
             # A request with no responders fails fast instead of waiting for the timeout.
             try:
-                reply = await nc.request(subject, envelope.encode(hdr), timeout=timeout)
+                reply = await nc.request(subject, envelope.encode(hdr), timeout=timeout_s)
             except Exception as exc:
                 name = type(exc).__name__
                 if "NoResponders" in name:
@@ -315,7 +351,7 @@ class ListenerServer:
         path: Path = event.dataset_path
 
         def run(relayed: RelayedAssociation, subject: str) -> Dataset:
-            req = event.request
+            req = cast(C_STORE, event.request)
             msg = C_STORE_RQ()
             # The dataset is in the temp file; only the command set goes in the header message.
             dataset, req.DataSet = req.DataSet, None
@@ -337,19 +373,19 @@ class ListenerServer:
         return self._relay(event, "C-STORE", run)
 
     async def _single(
-        self, subject: str, hdr: RequestHeader, body: bytes, timeout: float
+        self, subject: str, hdr: RequestHeader, body: bytes, timeout_s: float
     ) -> Dataset:
         inbox, queue = self.transport.replies.new_inbox()
         try:
             await self.transport.publish(subject, envelope.encode(hdr, body), reply=inbox)
-            return await self._await_response(queue, hdr.op_id, timeout)
+            return await self._await_response(queue, hdr.op_id, timeout_s)
         finally:
             self.transport.replies.release(inbox)
 
     async def _await_response(
-        self, queue: asyncio.Queue[Any], op_id: int, timeout: float
+        self, queue: asyncio.Queue[Any], op_id: int, timeout_s: float
     ) -> Dataset:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -390,14 +426,14 @@ class ListenerServer:
         lcfg = relayed.listener
         chunk_size = self.nats_cfg.chunk_size
         op_id = relayed.next_op()
-        base = {
-            "op_id": op_id,
-            "service": "C-STORE",
-            "abstract_syntax": str(event.context.abstract_syntax),
-            "transfer_syntax": str(event.context.transfer_syntax),
-            "command_length": len(command),
-            "dataset_length": length,
-        }
+        base = RequestHeader(
+            op_id=op_id,
+            service="C-STORE",
+            abstract_syntax=str(event.context.abstract_syntax),
+            transfer_syntax=str(event.context.transfer_syntax),
+            command_length=len(command),
+            dataset_length=length,
+        )
         inbox, queue = self.transport.replies.new_inbox()
         try:
             with path.open("rb") as fh:
@@ -405,14 +441,14 @@ class ListenerServer:
                 if length <= chunk_size:
                     data = fh.read(length)
                     digest = hashlib.sha256(data).hexdigest()
-                    hdr = RequestHeader(**base, inline=True, digest=digest)
+                    hdr = base.model_copy(update={"inline": True, "digest": digest})
                     await self.transport.publish(
                         subject, envelope.encode(hdr, command + data), reply=inbox
                     )
                     metrics.BYTES.labels(direction="sent").inc(length)
                     return await self._await_response(queue, op_id, lcfg.timeouts.request_s)
                 count = -(-length // chunk_size)
-                hdr = RequestHeader(**base, inline=False, chunk_count=count)
+                hdr = base.model_copy(update={"inline": False, "chunk_count": count})
                 await self.transport.publish(subject, envelope.encode(hdr, command), reply=inbox)
                 hasher = hashlib.sha256()
                 in_flight = 0
@@ -440,8 +476,8 @@ class ListenerServer:
         finally:
             self.transport.replies.release(inbox)
 
-    async def _await_ack(self, queue: asyncio.Queue[Any], op_id: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    async def _await_ack(self, queue: asyncio.Queue[Any], op_id: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -41,10 +41,10 @@ class RelayFailure:
 
 
 FAR_SIDE_UNAVAILABLE = RelayFailure(
-    "unavailable", "dimse-relay: no agent serves the called AE title or NATS is unreachable"
+    "unavailable", "dimse-relay: far side unavailable (no agent or no NATS)"
 )
 FAR_SIDE_TIMEOUT = RelayFailure("timeout", "dimse-relay: timed out waiting for the far side")
 TARGET_UNREACHABLE = RelayFailure(
-    "target_unreachable", "dimse-relay: the target SCP refused or could not be reached"
+    "target_unreachable", "dimse-relay: target SCP refused or unreachable"
 )
 PROTOCOL_ERROR = RelayFailure("protocol", "dimse-relay: relay protocol error")

@@ -57,9 +57,11 @@ LOG = logging.getLogger("dimse_relay.target")
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        LOG.error("target task failed", exc_info=(type(exc), exc, exc.__traceback__))
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        LOG.error("target task failed", exc_info=exc)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class TargetSession:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session")
         self.assoc: Any = None
         self.uploads: dict[int, _Upload] = {}
+        self.busy = 0  # DIMSE operations running against the SCP right now
         self.last_activity = time.monotonic()
         self.sub: Any = None
         self.closed = False
@@ -110,10 +113,8 @@ class TargetSession:
         ae.dimse_timeout = self.cfg.timeouts.dimse_s
         ae.network_timeout = self.cfg.timeouts.network_s
         ae.connection_timeout = min(self.cfg.timeouts.connect_s, self.open_hdr.timeout_s)
-        if self.cfg.max_pdu:
-            ae.maximum_pdu_size = self.cfg.max_pdu
         contexts = requested_contexts(self.open_hdr.contexts)
-        ext_neg = []
+        ext_neg: list[Any] = []
         for prop in self.open_hdr.contexts:
             if prop.scu_role is not None or prop.scp_role is not None:
                 item = SCP_SCU_RoleSelectionNegotiation()
@@ -127,6 +128,7 @@ class TargetSession:
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
+            max_pdu=self.cfg.max_pdu,
             evt_handlers=[NODELAY_HANDLER],
         )
         if assoc.is_established:
@@ -156,13 +158,14 @@ class TargetSession:
             )
         if assoc.is_rejected:
             prim = assoc.acceptor.primitive
+            assert prim is not None
             metrics.ASSOCIATIONS.labels(role="target", result="rejected").inc()
             return OpenResultHeader(
                 assoc_id=self.open_hdr.assoc_id,
                 result="rejected",
-                reject_result=int(prim.result),
-                reject_source=int(prim.result_source),
-                reject_reason=int(prim.diagnostic),
+                reject_result=prim.result,
+                reject_source=prim.result_source,
+                reject_reason=prim.diagnostic,
             )
         metrics.ASSOCIATIONS.labels(role="target", result="failed").inc()
         return OpenResultHeader(
@@ -244,10 +247,15 @@ class TargetSession:
     async def _start_store(
         self, hdr: RequestHeader, command: Dataset, rest: memoryview, reply: str
     ) -> None:
-        if hdr.dataset_length < 0 or len(self.uploads) >= 4:
+        if hdr.dataset_length < 0:
             metrics.WIRE_REJECTED.labels(reason="bad_request").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE request")
             return
+        # The listener relays one operation at a time per association: a new request means
+        # any unfinished upload was abandoned (its SCU timed out or went away).
+        for stale in self.uploads.values():
+            stale.discard()
+        self.uploads.clear()
         work = self.server.spool_dir
         fd, name = tempfile.mkstemp(prefix="store-", suffix=".dcm", dir=work)
         fh = os.fdopen(fd, "wb")
@@ -272,6 +280,7 @@ class TargetSession:
             up.fh.write(rest)
             up.digest.update(rest)
             up.received = len(rest)
+            metrics.BYTES.labels(direction="received").inc(len(rest))
             await self._finish_store(up, hdr.digest)
             return
         if hdr.op_id in self.uploads:
@@ -335,6 +344,7 @@ class TargetSession:
 
         async def run() -> None:
             loop = asyncio.get_running_loop()
+            self.busy += 1
             try:
                 status: Dataset = await loop.run_in_executor(self.worker, func)
             except Exception as exc:
@@ -342,6 +352,9 @@ class TargetSession:
                     "target operation failed", extra={**self.log_extra, "error": type(exc).__name__}
                 )
                 status = Dataset()
+            finally:
+                self.busy -= 1
+                self.last_activity = time.monotonic()
             if "Status" not in status:
                 # No response: the SCP aborted, timed out or the association is gone.
                 metrics.REQUESTS.labels(role="target", service=hdr.service, status="none").inc()
@@ -388,7 +401,7 @@ class TargetServer:
         self.sessions: dict[str, TargetSession] = {}
         self.tasks: set[asyncio.Future[Any]] = set()
         self.spool_dir = agent_cfg.work_dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool_dir.mkdir(exist_ok=True, mode=0o700)
         self._subscribed = False
         self._reaper: asyncio.Task[None] | None = None
 
@@ -475,9 +488,9 @@ class TargetServer:
             await asyncio.sleep(5)
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if now - session.last_activity > session.cfg.timeouts.session_idle_s and not (
-                    session.uploads
-                ):
+                # Chunks and requests refresh last_activity; a stalled upload is idle too.
+                idle = now - session.last_activity > session.cfg.timeouts.session_idle_s
+                if idle and not session.busy:
                     LOG.warning("closing idle target session", extra=session.log_extra)
                     await session.close("release")
 

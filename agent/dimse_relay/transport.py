@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import ssl
 import threading
@@ -31,6 +32,15 @@ MessageHandler = Callable[[Msg], Awaitable[None]]
 
 class NotConnected(RuntimeError):
     """NATS is not connected right now."""
+
+
+class InsecureServer(RuntimeError):
+    """The server did not negotiate TLS although the agent is configured for it."""
+
+
+def _url(parsed: Any) -> str:
+    """A server URL as text (nats-py keeps them as urllib ParseResults)."""
+    return str(parsed.geturl()) if hasattr(parsed, "geturl") else str(parsed)
 
 
 def build_tls_context(cfg: NATSConfig) -> ssl.SSLContext | None:
@@ -102,6 +112,22 @@ class NatsTransport:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
+    @property
+    def server_url(self) -> str | None:
+        nc = self.nc
+        return _url(nc.connected_url) if nc is not None and nc.connected_url else None
+
+    def _check_tls(self, nc: NatsClient) -> None:
+        """nats-py only starts TLS when the server's INFO asks for it, whatever the client
+        has configured; a server (or a man in the middle) that does not would get plaintext.
+        With TLS configured, a connection without TLS is refused."""
+        if self.cfg.tls is None:
+            return
+        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+        ssl_object = writer.get_extra_info("ssl_object") if writer is not None else None
+        if ssl_object is None or not nc._server_info.get("tls_required"):
+            raise InsecureServer(f"NATS server {self.server_url} did not negotiate TLS")
+
     def start(self) -> None:
         self._thread.start()
         self.submit(self._connect_forever())
@@ -133,9 +159,18 @@ class NatsTransport:
             LOG.warning("NATS disconnected")
 
         async def reconnected() -> None:
+            if self.nc is not None:
+                try:
+                    self._check_tls(self.nc)
+                except InsecureServer as exc:
+                    LOG.error("NATS reconnected without TLS; closing", extra={"detail": str(exc)})
+                    metrics.NATS_CONNECTED.set(0)
+                    await self.nc.close()
+                    self.submit(self._connect_forever())
+                    return
             metrics.NATS_CONNECTED.set(1)
             metrics.NATS_RECONNECTS.inc()
-            LOG.info("NATS reconnected", extra={"server": str(self.nc and self.nc.connected_url)})
+            LOG.info("NATS reconnected", extra={"server": self.server_url})
 
         async def error(exc: Exception) -> None:
             LOG.warning("NATS error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
@@ -169,10 +204,16 @@ class NatsTransport:
             options["user_credentials"] = str(self.cfg.creds_file)
         nc = await nats.connect(**options)
         self.nc = nc
+        try:
+            self._check_tls(nc)
+        except InsecureServer:
+            self.nc = None
+            await nc.close()
+            raise
         await nc.subscribe(f"{self.replies.inbox_root}.*", cb=self.replies.dispatch)
         metrics.NATS_CONNECTED.set(1)
         self._connected.set()
-        LOG.info("NATS connected", extra={"server": str(nc.connected_url)})
+        LOG.info("NATS connected", extra={"server": self.server_url})
         for callback in self._on_connect:
             await callback()
 
@@ -195,23 +236,16 @@ class NatsTransport:
     async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         await self.client().publish(subject, payload, reply=reply)
 
-    async def flush(self, timeout: float) -> None:
-        await self.client().flush(timeout=timeout)
-
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
 
         async def _close() -> None:
             if self.nc is not None and not self.nc.is_closed:
-                try:
+                with contextlib.suppress(Exception):  # best effort at shutdown
                     await self.nc.drain()
-                except Exception:  # noqa: S110 - best effort at shutdown
-                    pass
 
         if self._thread.is_alive():
-            try:
+            with contextlib.suppress(Exception):  # best effort at shutdown
                 self.submit(_close()).result(timeout)
-            except Exception:  # noqa: S110 - best effort at shutdown
-                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)

@@ -1,0 +1,420 @@
+"""Bad input and failures: every case gives the SCU a documented status (never an abort)
+within the configured timeout, and the agents keep serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom.data
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from tests.harness import DIMSE_RELAY, LOOPBACK
+from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.dicom import DcmtkStoreSCP, PynetdicomSCP, pynetdicom_echo, pynetdicom_store
+from tests.harness.nats import NatsServer
+from tests.harness.pki import TestPKI
+from tests.harness.ports import free_port
+
+from dimse_relay import envelope, subjects
+from dimse_relay.envelope import ChunkHeader, ContextProposal, OpenHeader, RequestHeader
+
+CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+OPEN_S = 2.0
+REQUEST_S = 3.0
+LISTENER_TIMEOUTS = {"open_s": OPEN_S, "request_s": REQUEST_S, "chunk_ack_s": 2.0}
+OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass
+class FailureRig:
+    nats: NatsServer
+    edge: AgentProcess
+    cloud: AgentProcess
+    slow_scp: PynetdicomSCP
+    good_scp: DcmtkStoreSCP
+    port: int
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[FailureRig]:
+    """Its own NATS server (these tests stop it) and agents with short timeouts."""
+    work = tmp_path_factory.mktemp("failures")
+    nats = NatsServer(work / "nats", pki).start()
+    slow_scp = PynetdicomSCP("SLOWSCP", delay_s=REQUEST_S + 3).start()
+    good_scp = DcmtkStoreSCP(work / "good", "GOODSCP").start()
+    dead_port = free_port()  # nothing listens here
+    targets = [
+        {"ae_title": "SLOWSCP", "host": LOOPBACK, "port": slow_scp.port},
+        {"ae_title": "GOODSCP", "host": LOOPBACK, "port": good_scp.port},
+        {"ae_title": "DEADSCP", "host": LOOPBACK, "port": dead_port},
+    ]
+    cloud = AgentProcess(
+        "cloud",
+        work / "cloud",
+        {"nats": nats_section(nats.url, pki, pki.client("cloud")), "targets": targets},
+    ).start()
+    port = free_port()
+    listeners = [
+        {"ae_title": aet, "bind": LOOPBACK, "port": port, "timeouts": LISTENER_TIMEOUTS}
+        for aet in ("SLOWSCP", "GOODSCP", "DEADSCP", "NOBODY")
+    ]
+    listeners.append(
+        {
+            "ae_title": "GUARDED",
+            "remote_ae_title": "GOODSCP",
+            "bind": LOOPBACK,
+            "port": port,
+            "allowed_calling_aets": ["TRUSTED"],
+            "timeouts": LISTENER_TIMEOUTS,
+        }
+    )
+    edge = AgentProcess(
+        "edge",
+        work / "edge",
+        {"nats": nats_section(nats.url, pki, pki.client("edge")), "listeners": listeners},
+    ).start()
+    yield FailureRig(nats, edge, cloud, slow_scp, good_scp, port)
+    edge.stop()
+    cloud.stop()
+    slow_scp.stop()
+    good_scp.stop()
+    nats.stop()
+
+
+def associate(port: int, called: str, calling: str = "PYSCU") -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    return ae.associate(LOOPBACK, port, ae_title=called)
+
+
+def timed_store(port: int, called: str) -> tuple[list[int | None], float]:
+    started = time.monotonic()
+    statuses = pynetdicom_store(port, called, [CT])
+    return statuses, time.monotonic() - started
+
+
+def test_unknown_called_aet_is_rejected_with_called_aet_not_recognised(rig: FailureRig) -> None:
+    assoc = associate(rig.port, "NOSUCHAET")
+    assert assoc.is_rejected
+    rsp = assoc.acceptor.primitive
+    # rejected-permanent (1), service-user (1), called AE title not recognised (7)
+    assert (rsp.result, rsp.result_source, rsp.diagnostic) == (0x01, 0x01, 0x07)
+
+
+def test_calling_aet_not_allowed_is_rejected(rig: FailureRig) -> None:
+    assoc = associate(rig.port, "GUARDED", calling="INTRUDER")
+    assert assoc.is_rejected
+    rsp = assoc.acceptor.primitive
+    assert (rsp.result, rsp.result_source, rsp.diagnostic) == (0x01, 0x01, 0x03)
+    status, _ = pynetdicom_echo(rig.port, "GUARDED", calling="TRUSTED")
+    assert status == 0
+
+
+def test_no_target_subscribed_gives_out_of_resources_fast(rig: FailureRig) -> None:
+    statuses, elapsed = timed_store(rig.port, "NOBODY")
+    assert statuses == [OUT_OF_RESOURCES]
+    assert elapsed < OPEN_S + REQUEST_S + 2
+    status, _ = pynetdicom_echo(rig.port, "NOBODY")
+    assert status == PROCESSING_FAILURE
+
+
+def test_target_scp_down_gives_out_of_resources(rig: FailureRig) -> None:
+    statuses, elapsed = timed_store(rig.port, "DEADSCP")
+    assert statuses == [OUT_OF_RESOURCES]
+    assert elapsed < OPEN_S + REQUEST_S + 2
+
+
+def test_slow_target_times_out_while_others_are_served(rig: FailureRig) -> None:
+    """A target slower than request_s: the SCU gets 0xA700 after about request_s; meanwhile
+    another association through the same agents succeeds. What the slow SCP stores later is
+    the complete instance, never a part of it."""
+    rig.slow_scp.received.clear()
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        result["statuses"], result["elapsed"] = timed_store(rig.port, "SLOWSCP")
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.5)
+    rig.good_scp.clear()
+    assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]
+    assert len(rig.good_scp.files()) == 1
+    thread.join(30)
+    assert result["statuses"] == [OUT_OF_RESOURCES]
+    assert REQUEST_S - 0.5 < float(result["elapsed"]) < REQUEST_S + OPEN_S + 2  # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    while not rig.slow_scp.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    from tests.harness.dicom import dataset_bytes
+
+    assert list(rig.slow_scp.received.values()) in ([], [dataset_bytes(CT)])
+
+
+def test_nats_down_gives_status_and_agents_recover(rig: FailureRig) -> None:
+    rig.nats.stop()
+    try:
+        statuses, elapsed = timed_store(rig.port, "GOODSCP")
+        assert statuses == [OUT_OF_RESOURCES]
+        assert elapsed < OPEN_S + REQUEST_S + 2
+        assert not rig.edge.ready()
+    finally:
+        rig.nats.start()
+    rig.edge.wait_ready(20)
+    rig.cloud.wait_ready(20)
+    deadline = time.monotonic() + 20
+    while True:  # the cloud agent's subscriptions come back with its reconnect
+        statuses = pynetdicom_store(rig.port, "GOODSCP", [CT])
+        if statuses == [0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert statuses == [0]
+
+
+def _client_tls(pki: TestPKI, name: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    client = pki.client(name)
+    ctx.load_cert_chain(str(client.cert), str(client.key))
+    return ctx
+
+
+async def _inject_garbage(url: str, tls: ssl.SSLContext) -> dict[str, int]:
+    """Act as a hostile or broken publisher on the relay subjects; return error replies."""
+    import nats
+
+    nc = await nats.connect(url, tls=tls)
+    errors: dict[str, int] = {}
+    try:
+        open_subject = subjects.open_subject("dimse", "GOODSCP")
+        for junk in (
+            b"",  # truncated
+            b"garbage",  # bad_magic
+            b"DRLY\x01\x01\xff\xff",  # header length past the end: truncated
+            b"DRLY\x09\x01\x00\x02{}",  # bad_version
+            b"DRLY\x01\x63\x00\x02{}",  # bad_kind
+            b"DRLY\x01\x01\x00\x05[1,2]",  # bad_header
+            b'DRLY\x01\x01\x00\x0b{"evil": 1}',  # bad_header (unknown field)
+            envelope.encode(ChunkHeader(op_id=1, seq=0, offset=0)),  # unexpected_kind
+        ):
+            await nc.publish(open_subject, junk, reply="_INBOX.junk")
+        await nc.publish("_INBOX.nobody.listens", b"garbage")
+        # Open a real session like a listener would, then send it a broken chunk stream.
+        inbox = nc.new_inbox()
+        hdr = OpenHeader(
+            assoc_id="fuzz",
+            calling_ae_title="FUZZER",
+            called_ae_title="GOODSCP",
+            contexts=[
+                ContextProposal(
+                    id=1, abstract_syntax=CTImageStorage, transfer_syntaxes=["1.2.840.10008.1.2.1"]
+                )
+            ],
+            reply_inbox=inbox,
+            timeout_s=5,
+        )
+        reply = await nc.request(open_subject, envelope.encode(hdr), timeout=5)
+        result, _ = envelope.decode(reply.data)
+        assert result.result == "accepted", result
+        session = result.session_subject
+        sub = await nc.subscribe(inbox + ".ops")
+        from pydicom.dataset import Dataset
+
+        from dimse_relay.dicom import encode_command
+
+        cmd = Dataset()
+        cmd.CommandGroupLength = 0
+        cmd.AffectedSOPClassUID = CTImageStorage
+        cmd.CommandField = 0x0001
+        cmd.MessageID = 1
+        cmd.Priority = 0
+        cmd.CommandDataSetType = 0x0000
+        cmd.AffectedSOPInstanceUID = "1.2.3.4"
+        command = encode_command(cmd)
+        base = dict(
+            service="C-STORE",
+            abstract_syntax=CTImageStorage,
+            transfer_syntax="1.2.840.10008.1.2.1",
+            command_length=len(command),
+            inline=False,
+        )
+        cases = {
+            "out_of_order": (1, [(1, 0, b"x" * 10)], 20),
+            "oversized": (2, [(0, 0, b"x" * 30)], 20),
+            "bad_digest": (3, [(0, 0, b"x" * 20)], 20),
+        }
+        for name, (op_id, chunks, total) in cases.items():
+            req = RequestHeader(op_id=op_id, dataset_length=total, chunk_count=len(chunks), **base)
+            await nc.publish(session, envelope.encode(req, command), reply=inbox + ".ops")
+            for seq, offset, data in chunks:
+                ch = ChunkHeader(op_id=op_id, seq=seq, offset=offset, final=True, digest="0" * 64)
+                await nc.publish(session, envelope.encode(ch, data), reply=inbox + ".ops")
+            msg = await sub.next_msg(timeout=5)
+            header, _ = envelope.decode(msg.data)
+            errors[name] = 1 if header.reason == "protocol" else 0
+        await nc.publish(session, b"\x00" * 100)  # garbage on the session subject
+        await nc.publish(session, envelope.encode(envelope.CloseHeader(mode="abort")))
+        await nc.flush()
+    finally:
+        await nc.close()
+    return errors
+
+
+def test_garbage_on_relay_subjects_is_dropped_counted_and_harmless(
+    rig: FailureRig, pki: TestPKI
+) -> None:
+    before = rig.cloud.metric("dimse_relay_wire_rejected_total")
+    errors = asyncio.run(_inject_garbage(rig.nats.url, _client_tls(pki, "tester")))
+    assert errors == {"out_of_order": 1, "oversized": 1, "bad_digest": 1}
+    time.sleep(0.5)
+    cloud = rig.cloud
+    for reason in (
+        "truncated",
+        "bad_magic",
+        "bad_version",
+        "bad_kind",
+        "bad_header",
+        "unexpected_kind",
+        "out_of_order",
+        "oversized",
+        "bad_digest",
+    ):
+        assert cloud.metric("dimse_relay_wire_rejected_total", reason=reason) >= 1, reason
+    assert cloud.metric("dimse_relay_wire_rejected_total") >= before + 11
+    assert rig.edge.metric("dimse_relay_wire_rejected_total", reason="no_such_inbox") >= 0
+    # the agents still relay
+    rig.good_scp.clear()
+    assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]
+    assert rig.cloud.proc.poll() is None and rig.edge.proc.poll() is None
+
+
+def test_client_with_certificate_from_another_ca_is_refused(
+    tmp_path: Path, pki: TestPKI, rig: FailureRig
+) -> None:
+    rogue = AgentProcess(
+        "rogue",
+        tmp_path,
+        {
+            "nats": nats_section(rig.nats.url, pki, pki.rogue_client),
+            "targets": [{"ae_title": "GOODSCP", "host": LOOPBACK, "port": 9}],
+        },
+    ).start(wait_ready=False)
+    try:
+        time.sleep(3)
+        assert rogue.proc.poll() is None  # keeps retrying, does not crash
+        assert not rogue.ready()
+        assert any(
+            line.get("msg") in ("NATS connect failed, retrying", "NATS error")
+            and "UNKNOWN_CA" in str(line.get("detail"))
+            for line in rogue.log_lines()
+        ), rogue.log_tail()
+    finally:
+        rogue.stop()
+
+
+def test_client_without_certificate_is_refused(rig: FailureRig, pki: TestPKI) -> None:
+    import nats
+
+    async def connect() -> None:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        await nats.connect(
+            rig.nats.url,
+            tls=ctx,
+            connect_timeout=2,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
+
+    with pytest.raises(Exception):
+        asyncio.run(connect())
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_check_config_names_every_bad_key(tmp_path: Path, pki: TestPKI) -> None:
+    cfg = write_config(
+        tmp_path / "bad.yml",
+        f"""
+nats:
+  servers: [tls://localhost:4222]
+  tls: {{ca_file: {pki.ca}, cert_file: {pki.client("edge").cert}, key_file: /nonexistent}}
+listeners:
+  - ae_title: THIS_AE_TITLE_IS_TOO_LONG
+    port: 70000
+    colour: blue
+""",
+    )
+    proc = subprocess.run(
+        [str(DIMSE_RELAY), "check-config", str(cfg)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "nats.tls: Value error" in err or "nats.tls" in err
+    assert "key_file: file not found" in err
+    assert "listeners.0.ae_title" in err and "at most 16" in err
+    assert "listeners.0.port" in err
+    assert "listeners.0.colour" in err
+    run = subprocess.run(
+        [str(DIMSE_RELAY), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 2
+    assert "listeners.0.port" in run.stderr
+
+
+def test_check_config_accepts_valid_and_reports_yaml_errors(tmp_path: Path, pki: TestPKI) -> None:
+    edge = pki.client("edge")
+    good = write_config(
+        tmp_path / "good.yml",
+        f"""
+nats:
+  servers: [tls://localhost:4222]
+  tls: {{ca_file: {pki.ca}, cert_file: {edge.cert}, key_file: {edge.key}}}
+listeners:
+  - {{ae_title: PACS, port: 11112}}
+""",
+    )
+    proc = subprocess.run(
+        [str(DIMSE_RELAY), "check-config", str(good)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    broken = write_config(tmp_path / "broken.yml", "nats: [unclosed\n")
+    proc = subprocess.run(
+        [str(DIMSE_RELAY), "check-config", str(broken)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "broken.yml:" in proc.stderr and "invalid YAML" in proc.stderr
+
+
+def test_agent_refuses_a_server_that_does_not_negotiate_tls(tmp_path: Path, pki: TestPKI) -> None:
+    """nats-py would silently talk plaintext to a server that does not ask for TLS; the agent
+    configured for TLS must refuse such a server (downgrade protection)."""
+    plain = NatsServer(tmp_path / "plain", pki, tls=False).start()
+    agent = AgentProcess(
+        "downgrade",
+        tmp_path,
+        {
+            "nats": nats_section(f"tls://localhost:{plain.port}", pki, pki.client("edge")),
+            "targets": [{"ae_title": "GOODSCP", "host": LOOPBACK, "port": 9}],
+        },
+    ).start(wait_ready=False)
+    try:
+        time.sleep(3)
+        assert agent.proc.poll() is None
+        assert not agent.ready()
+        assert plain.varz("connz")["num_connections"] == 0
+        assert any("did not negotiate TLS" in str(line.get("detail")) for line in agent.log_lines())
+    finally:
+        agent.stop()
+        plain.stop()

@@ -1,0 +1,141 @@
+"""Pure logic: subject encoding, the wire envelope decoder, statuses, configuration."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dimse_relay import envelope, subjects
+from dimse_relay.config import ConfigError, parse_config
+from dimse_relay.envelope import ChunkHeader, EnvelopeError, RequestHeader
+from dimse_relay.metrics import status_class
+from dimse_relay.statuses import FAR_SIDE_TIMEOUT, PROTOCOL_ERROR
+
+AET_CHARS = st.text(
+    alphabet=st.sampled_from([c for c in string.printable if c not in "\\\t\n\r\x0b\x0c"]),
+    min_size=1,
+    max_size=16,
+).filter(lambda s: s.strip(" "))
+
+
+@given(AET_CHARS)
+def test_subject_token_roundtrip_and_legal(aet: str) -> None:
+    token = subjects.encode_aet(aet)
+    assert subjects.decode_aet(token) == aet.strip(" ")
+    assert token and not any(c in token for c in ". *>\t")
+
+
+def test_subject_tokens_of_distinct_titles_differ() -> None:
+    titles = ["A.B", "A~2EB", "A*", "A>", "A B", "AB"]
+    tokens = {subjects.encode_aet(t) for t in titles}
+    assert len(tokens) == len(titles)
+    assert subjects.open_subject("dimse", "AI.SEG*>1 X") == "dimse.v1.aet.AI~2ESEG~2A~3E1~20X.open"
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=2048))
+def test_envelope_decoder_never_crashes_on_garbage(data: bytes) -> None:
+    try:
+        header, body = envelope.decode(data)
+    except EnvelopeError as exc:
+        assert exc.reason in {"truncated", "bad_magic", "bad_version", "bad_kind", "bad_header"}
+    else:
+        assert len(body) <= len(data)
+        assert header is not None
+
+
+@given(
+    st.integers(0, 2**31),
+    st.integers(0, 2**20),
+    st.integers(0, 2**40),
+    st.booleans(),
+    st.binary(max_size=4096),
+)
+def test_chunk_envelope_roundtrip(
+    op_id: int, seq: int, offset: int, final: bool, body: bytes
+) -> None:
+    hdr = ChunkHeader(op_id=op_id, seq=seq, offset=offset, final=final)
+    decoded, rest = envelope.decode(envelope.encode(hdr, body))
+    assert decoded == hdr
+    assert bytes(rest) == body
+
+
+@given(st.binary(min_size=8, max_size=512), st.integers(0, 511))
+def test_mutated_envelopes_are_rejected_or_valid(body: bytes, flip: int) -> None:
+    hdr = RequestHeader(
+        op_id=1,
+        service="C-STORE",
+        abstract_syntax="1.2",
+        transfer_syntax="1.2",
+        command_length=4,
+        dataset_length=len(body),
+    )
+    raw = bytearray(envelope.encode(hdr, body))
+    raw[flip % len(raw)] ^= 0xFF
+    try:
+        envelope.decode(bytes(raw))
+    except EnvelopeError:
+        pass
+
+
+def test_status_classes() -> None:
+    assert status_class(0x0000) == "success"
+    assert status_class(0xFF00) == "pending"
+    assert status_class(0xFE00) == "cancel"
+    assert status_class(0xB000) == "warning"
+    assert status_class(0xA700) == "failure"
+    assert FAR_SIDE_TIMEOUT.status_for("C-STORE") == 0xA700
+    assert FAR_SIDE_TIMEOUT.status_for("C-ECHO") == 0x0110
+    assert PROTOCOL_ERROR.status_for("C-STORE") == 0x0110
+
+
+def base_config(**extra: object) -> dict[str, object]:
+    return {"nats": {"servers": ["tls://x:4222"], "allow_insecure": True}, **extra}
+
+
+def test_config_requires_tls_unless_explicitly_insecure() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "nats": {"servers": ["tls://x:4222"]},
+                "targets": [{"ae_title": "A", "host": "h", "port": 104}],
+            },
+            environ={},
+        )
+    assert any("tls is required" in e for e in err.value.errors)
+
+
+def test_config_rejects_duplicates_and_bad_titles() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            base_config(
+                listeners=[
+                    {"ae_title": "PACS", "port": 104},
+                    {"ae_title": "X", "port": 105},
+                    {"ae_title": "PACS", "port": 104},
+                ]
+            ),
+            environ={},
+        )
+    assert any("served twice" in e for e in err.value.errors)
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            base_config(targets=[{"ae_title": "BAD\\AET", "host": "h", "port": 104}]), environ={}
+        )
+    assert any(e.startswith("targets.0.ae_title") for e in err.value.errors)
+
+
+def test_config_environment_overrides_secrets() -> None:
+    cfg = parse_config(
+        base_config(targets=[{"ae_title": "A", "host": "h", "port": 104}]),
+        environ={
+            "DIMSE_RELAY_NATS_PASSWORD": "s3cret",
+            "DIMSE_RELAY_NATS_USER": "edge",
+            "DIMSE_RELAY_NATS_SERVERS": "tls://a:4222, tls://b:4222",
+        },
+    )
+    assert cfg.nats.password == "s3cret" and cfg.nats.user == "edge"
+    assert cfg.nats.servers == ["tls://a:4222", "tls://b:4222"]
