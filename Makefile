@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: help bootstrap test test-unit test-lab lint bench lab lab-destroy clean
+.PHONY: help bootstrap test test-agent lint bench clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -11,13 +12,18 @@ help:
 bootstrap: ## install apt packages, the virtualenv and nats-server
 	bash scripts/bootstrap.sh
 
-test: bootstrap ## run the whole test suite (agent against real NATS and DCMTK, then the lab)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+test: bootstrap lint test-agent ## everything CI runs: lint, agent tests, lab tests
 
-lint: bootstrap ## ruff, mypy, ansible-lint
+test-agent: bootstrap ## agent tests against real nats-server, DCMTK and pynetdicom
+	$(PYTEST) tests --ignore=tests/lab
+
+lint: bootstrap ## ruff, mypy
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
 	$(VENV)/bin/mypy
 
 bench: bootstrap ## direct DIMSE vs through the relay, side by side
 	$(PY) bench/run.py
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache

@@ -15,6 +15,9 @@ from tests.harness.ports import free_port
 
 # An AE title with every character that is special in NATS subjects.
 ODD_AET = "AI.SEG*>1 X"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,7 @@ class Relay:
     py_scp: PynetdicomSCP
     odd_scp: PynetdicomSCP
     status_scp: PynetdicomSCP
+    ct_only_scp: PynetdicomSCP  # only CT Image Storage, uncompressed
     port: int  # the edge agent's listener port (all listeners share it)
 
 
@@ -53,11 +57,15 @@ def relay(
     py_scp = PynetdicomSCP("PYSCP").start()
     odd_scp = PynetdicomSCP("ODDSCP").start()
     status_scp = PynetdicomSCP("STATUSSCP", status=0xA702).start()
+    ct_only_scp = PynetdicomSCP(
+        "CTONLY", contexts=[(CT_IMAGE_STORAGE, [IMPLICIT_VR_LE, EXPLICIT_VR_LE])]
+    ).start()
     targets = [
         {"ae_title": "CLOUDSCP", "host": "127.0.0.1", "port": dcmtk_scp.port},
         {"ae_title": "PYSCP", "host": "127.0.0.1", "port": py_scp.port},
         {"ae_title": ODD_AET, "host": "127.0.0.1", "port": odd_scp.port},
         {"ae_title": "STATUSSCP", "host": "127.0.0.1", "port": status_scp.port},
+        {"ae_title": "CTONLY", "host": "127.0.0.1", "port": ct_only_scp.port},
     ]
     cloud = AgentProcess(
         "cloud",
@@ -71,12 +79,12 @@ def relay(
         work / "edge",
         {"nats": nats_section(nats_server.url, pki, pki.client("edge")), "listeners": listeners},
     ).start()
-    yield Relay(edge, cloud, dcmtk_scp, direct_scp, py_scp, odd_scp, status_scp, port)
+    yield Relay(edge, cloud, dcmtk_scp, direct_scp, py_scp, odd_scp, status_scp, ct_only_scp, port)
     for proc in (edge, cloud):
         proc.stop()
     for scp in (dcmtk_scp, direct_scp):
         scp.stop()
-    for pscp in (py_scp, odd_scp, status_scp):
+    for pscp in (py_scp, odd_scp, status_scp, ct_only_scp):
         pscp.stop()
 
 

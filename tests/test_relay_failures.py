@@ -30,6 +30,7 @@ CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
 OPEN_S = 2.0
 REQUEST_S = 3.0
 LISTENER_TIMEOUTS = {"open_s": OPEN_S, "request_s": REQUEST_S, "chunk_ack_s": 2.0}
+SESSION_IDLE_S = 3.0
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
 
@@ -57,6 +58,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Fail
         {"ae_title": "GOODSCP", "host": LOOPBACK, "port": good_scp.port},
         {"ae_title": "DEADSCP", "host": LOOPBACK, "port": dead_port},
     ]
+    for t in targets:
+        t["timeouts"] = {"session_idle_s": SESSION_IDLE_S}
     cloud = AgentProcess(
         "cloud",
         work / "cloud",
@@ -418,3 +421,37 @@ def test_agent_refuses_a_server_that_does_not_negotiate_tls(tmp_path: Path, pki:
     finally:
         agent.stop()
         plain.stop()
+
+
+def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_path: Path) -> None:
+    """SIGKILL the edge agent while a 300 MB instance is streaming: the target SCP never gets
+    a part of it, the cloud agent drops the half-received upload (idle session reaped) and
+    keeps serving once the edge agent is back."""
+    from tests.harness.dicom import make_large_instance, storescu
+
+    big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
+    rig.good_scp.clear()
+    before = rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received")
+    result: dict[str, object] = {}
+    sender = threading.Thread(
+        target=lambda: result.update(r=storescu(rig.port, [big], "GOODSCP", timeout=120))
+    )
+    sender.start()
+    deadline = time.monotonic() + 60
+    while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < before + (
+        20 << 20
+    ):
+        assert time.monotonic() < deadline, "transfer never started"
+        time.sleep(0.05)
+    rig.edge.kill()
+    sender.join(120)
+    assert result["r"].statuses() != ["Success"]  # type: ignore[attr-defined]
+    spool = Path(rig.cloud.config["work_dir"]) / "spool"
+    deadline = time.monotonic() + SESSION_IDLE_S + 15
+    while any(spool.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(spool.iterdir()), list(spool.iterdir())
+    assert rig.good_scp.files() == []
+    rig.edge.start()
+    assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]
+    assert len(rig.good_scp.files()) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
-from tests.conftest import ODD_AET, Relay
+from tests.conftest import CT_IMAGE_STORAGE, EXPLICIT_VR_LE, ODD_AET, Relay
 from tests.harness.dicom import (
     PynetdicomSCP,
     dataset_bytes,
@@ -200,3 +200,42 @@ def test_echo_metrics_count_requests(relay: Relay, called: str) -> None:
         "dimse_relay_requests_total", role="listener", service="C-ECHO", status="success"
     )
     assert after == before + 1
+
+
+def test_no_patient_data_in_agent_logs(relay: Relay) -> None:
+    """After all the relaying above, neither agent's log holds a patient name, patient ID or
+    SOP Instance UID of what was sent (identifiers are logged only with log_identifiers)."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    secrets = [str(ds.PatientName), str(ds.PatientID), str(ds.SOPInstanceUID), "LARGE^INSTANCE"]
+    for agent in (relay.edge, relay.cloud):
+        text = agent.log_path.read_text()
+        assert len(text) > 1000  # the agents did log
+        for secret in secrets:
+            assert secret not in text, (agent.name, secret)
+        _, metrics_text = agent.http_get("/metrics")
+        for secret in secrets:
+            assert secret not in metrics_text.decode()
+
+
+def test_negotiation_mirrors_what_the_real_scp_accepts(relay: Relay) -> None:
+    """The listener accepts exactly what the real SCP accepts: the SCP supports only CT in
+    uncompressed syntaxes, so through the relay MR and Verification are rejected too and CT
+    is accepted in the syntax the SCP chose, as when the SCU talks to the SCP directly."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.4.50", EXPLICIT_VR_LE])
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+
+    def negotiate(port: int) -> tuple[list[tuple[str, str]], list[str]]:
+        assoc = ae.associate("127.0.0.1", port, ae_title="CTONLY")
+        assert assoc.is_established
+        accepted = [(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
+        rejected = [cx.abstract_syntax for cx in assoc.rejected_contexts]
+        assoc.release()
+        return sorted(accepted), sorted(rejected)
+
+    direct = negotiate(relay.ct_only_scp.port)
+    assert direct[0] == [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)]
+    assert negotiate(relay.port) == direct

@@ -154,6 +154,8 @@ class PynetdicomSCP:
     calling_aets: list[str] = field(default_factory=list)
     server: Any = None
     on_store: Callable[[Any], None] | None = None
+    # (SOP class UID, transfer syntaxes) it supports; None: Verification and all storage.
+    contexts: list[tuple[str, list[str]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _handle_store(self, event: evt.Event) -> int:
@@ -172,9 +174,13 @@ class PynetdicomSCP:
 
     def start(self) -> PynetdicomSCP:
         ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if self.contexts is not None:
+            for uid, syntaxes in self.contexts:
+                ae.add_supported_context(uid, syntaxes)
+        else:
+            ae.add_supported_context(Verification)
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.server = ae.start_server(
             (LOOPBACK, self.port),
             block=False,
