@@ -27,3 +27,17 @@ bench: bootstrap ## direct DIMSE vs through the relay, side by side
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache
+
+lab: bootstrap ## boot the systemd-nspawn lab, deploy it with Ansible, relay a study both ways
+	bash lab/up.sh
+	$(VENV)/bin/ansible-playbook -i inventories/lab site.yml playbooks/lab_peers.yml
+	bash lab/demo.sh
+
+lab-destroy: ## power off and delete the lab hosts (the cached base image stays)
+	bash lab/down.sh
+
+test-lab: bootstrap ## Molecule on the lab: converge, idempotence, check mode, verify, destroy
+	$(VENV)/bin/molecule test -s lab
+
+lint-ansible: bootstrap ## ansible-lint (production profile) on the collection
+	$(VENV)/bin/ansible-lint

@@ -29,6 +29,7 @@ need_root() {
 
 # "name address" for every lab host.
 lab_hosts() { grep -Ev '^\s*(#|$)' "$LAB_DIR/hosts.conf" | awk '{print $1, $2}'; }
+lab_zone() { grep -Ev '^\s*(#|$)' "$LAB_DIR/hosts.conf" | awk -v n="$1" '$1 == n {print $3}'; }
 
 # PID of the systemd-nspawn process of a host, if it is running.
 nspawn_pid() {
