@@ -455,3 +455,37 @@ def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_pa
     rig.edge.start()
     assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]
     assert len(rig.good_scp.files()) == 1
+
+
+def test_subscription_refused_by_server_permissions_makes_agent_unready(
+    tmp_path: Path, pki: TestPKI
+) -> None:
+    """A target whose NATS user may not subscribe to its AE title's subjects never reports
+    ready (so systemd/Kubernetes readiness checks catch a wrong permission set)."""
+    users = [
+        {
+            "user": "CN=tester,O=dimse-relay tests",
+            "permissions": {
+                "publish": {"allow": ["_INBOX.>"]},
+                "subscribe": {"allow": ["_INBOX.>", "dimse.v1.aet.OTHER.>"]},
+            },
+        }
+    ]
+    server = NatsServer(tmp_path / "nats", pki, users=users).start()
+    agent = AgentProcess(
+        "unpermitted",
+        tmp_path,
+        {
+            "nats": nats_section(server.url, pki, pki.client("tester")),
+            "targets": [{"ae_title": "GOODSCP", "host": LOOPBACK, "port": 9}],
+        },
+    ).start(wait_ready=False)
+    try:
+        time.sleep(3)
+        code, body = agent.http_get("/readyz")
+        assert code == 503, body
+        assert b'"subscriptions_permitted": false' in body
+        assert any(line.get("msg") == "NATS refused a subscription" for line in agent.log_lines())
+    finally:
+        agent.stop()
+        server.stop()

@@ -51,6 +51,7 @@ class Agent:
             "nats_connected": self.transport.connected,
             "listeners_bound": self.listeners.bound,
             "targets_subscribed": self._targets_subscribed.is_set(),
+            "subscriptions_permitted": not self.transport.refused_subjects,
         }
         return all(detail.values()), detail
 

@@ -85,6 +85,14 @@ class NATSConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _credentials(self) -> NATSConfig:
+        if self.password is not None and self.user is None:
+            raise ValueError("password is set but user is not")
+        if self.creds_file is not None and not self.creds_file.is_file():
+            raise ValueError(f"creds_file: file not found: {self.creds_file}")
+        return self
+
+    @model_validator(mode="after")
     def _require_tls(self) -> NATSConfig:
         if self.tls is None and not self.allow_insecure:
             raise ValueError(

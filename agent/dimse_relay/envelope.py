@@ -27,6 +27,8 @@ MAGIC = b"DRLY"
 VERSION = 1
 _PREFIX = struct.Struct(">4sBBH")
 MAX_HEADER = 32 * 1024
+# Largest dataset chunk a receiver accepts, whatever its own nats.chunk_size (config maximum).
+MAX_CHUNK = 8 * 1024 * 1024
 
 
 class Kind(enum.IntEnum):

@@ -323,6 +323,12 @@ class ListenerServer:
                 "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
             )
             status = self._failure_status(service, exc.failure)
+        except Exception as exc:  # a bug must give a failure status, never a false Success
+            LOG.error(
+                "relay error",
+                extra={**relayed.log_extra, "service": service, "error": type(exc).__name__},
+            )
+            status = self._failure_status(service, statuses.PROTOCOL_ERROR)
         metrics.LATENCY.labels(service=service).observe(time.monotonic() - started)
         metrics.REQUESTS.labels(
             role="listener", service=service, status=metrics.status_class(int(status.Status))
@@ -366,7 +372,7 @@ class ListenerServer:
             coro = self._send_store(relayed, subject, event, command, path, offset, length)
             # The whole transfer is bounded by per-chunk timeouts; the final wait by request_s.
             budget = lcfg.timeouts.request_s + lcfg.timeouts.chunk_ack_s * (
-                2 + length // self.nats_cfg.chunk_size
+                2 + length // self.transport.chunk_size
             )
             return self._call(coro, budget)  # type: ignore[no-any-return]
 
@@ -424,7 +430,7 @@ class ListenerServer:
         length: int,
     ) -> Dataset:
         lcfg = relayed.listener
-        chunk_size = self.nats_cfg.chunk_size
+        chunk_size = self.transport.chunk_size
         op_id = relayed.next_op()
         base = RequestHeader(
             op_id=op_id,

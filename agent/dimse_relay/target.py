@@ -296,10 +296,7 @@ class TargetSession:
         reason = None
         if hdr.seq != up.next_seq or hdr.offset != up.received:
             reason = "out_of_order"
-        elif (
-            up.received + len(body) > up.header.dataset_length
-            or len(body) > self.server.agent_cfg.nats.chunk_size
-        ):
+        elif up.received + len(body) > up.header.dataset_length or len(body) > envelope.MAX_CHUNK:
             reason = "oversized"
         if reason is not None:
             metrics.WIRE_REJECTED.labels(reason=reason).inc()
@@ -322,9 +319,7 @@ class TargetSession:
 
     async def _finish_store(self, up: _Upload, digest: str | None) -> None:
         up.fh.close()
-        if up.received != up.header.dataset_length or (
-            digest is not None and digest != up.digest.hexdigest()
-        ):
+        if up.received != up.header.dataset_length or digest != up.digest.hexdigest():
             why = "length_mismatch" if up.received != up.header.dataset_length else "bad_digest"
             metrics.WIRE_REJECTED.labels(reason=why).inc()
             up.discard()
@@ -450,6 +445,7 @@ class TargetServer:
                 reject_reason=2,
                 comment="target busy",
             )
+            metrics.ASSOCIATIONS.labels(role="target", result="busy").inc()
             await self.transport.publish(reply, envelope.encode(result))
             return
         session = TargetSession(self, tcfg, hdr)
@@ -461,6 +457,7 @@ class TargetServer:
             result = await loop.run_in_executor(session.worker, session._associate)
             if time.monotonic() - started > hdr.timeout_s:
                 # The listener has given up waiting; nobody will use or close this association.
+                metrics.ASSOCIATIONS.labels(role="target", result="too_late").inc()
                 result = OpenResultHeader(assoc_id=hdr.assoc_id, result="failed", failure="timeout")
         except Exception as exc:
             LOG.warning(

@@ -89,6 +89,15 @@ class NatsTransport:
         self._stopping = False
         self._on_connect: list[Callable[[], Awaitable[None]]] = []
         self.replies = ReplyRouter(f"{cfg.inbox_prefix}.{uuid.uuid4().hex}")
+        # Subscriptions the server refused (permissions): the agent is not ready while set.
+        self.refused_subjects: set[str] = set()
+        self._server_max_payload = 0
+
+    @property
+    def chunk_size(self) -> int:
+        """nats.chunk_size, capped so a chunk and its envelope fit the server's max_payload."""
+        limit = self._server_max_payload - 16 * 1024
+        return min(self.cfg.chunk_size, limit) if limit > 0 else self.cfg.chunk_size
 
     # -- thread bridge -------------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -173,7 +182,12 @@ class NatsTransport:
             LOG.info("NATS reconnected", extra={"server": self.server_url})
 
         async def error(exc: Exception) -> None:
-            LOG.warning("NATS error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+            detail = str(exc)
+            if "permissions violation for subscription" in detail.lower():
+                self.refused_subjects.add(detail.rsplit(" ", 1)[-1].strip("\"'"))
+                LOG.error("NATS refused a subscription", extra={"detail": detail[:200]})
+                return
+            LOG.warning("NATS error", extra={"error": type(exc).__name__, "detail": detail[:200]})
 
         async def closed() -> None:
             metrics.NATS_CONNECTED.set(0)
@@ -204,6 +218,7 @@ class NatsTransport:
             options["user_credentials"] = str(self.cfg.creds_file)
         nc = await nats.connect(**options)
         self.nc = nc
+        self._server_max_payload = int(nc.max_payload or 0)
         try:
             self._check_tls(nc)
         except InsecureServer:
