@@ -5,6 +5,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: help bootstrap test test-agent lint bench clean
+.PHONY: lab lab-destroy test-lab lint-ansible
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
