@@ -14,9 +14,11 @@ from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
+    QueryRetrievePresentationContexts,
     _config,
     evt,
 )
@@ -73,8 +75,13 @@ NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
 
 
 def fallback_contexts() -> list[PresentationContext]:
-    """What a listener accepts when the far side cannot be asked: Verification and storage."""
+    """What a listener accepts when the far side cannot be asked: Verification, storage and
+    query/retrieve, so that every request gets a relay failure status rather than a rejected
+    presentation context."""
     contexts = [build_context(Verification, ALL_TRANSFER_SYNTAXES)]
+    for cx in QueryRetrievePresentationContexts:
+        assert cx.abstract_syntax is not None
+        contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
         contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
@@ -137,6 +144,21 @@ def encode_command(ds: Dataset) -> bytes:
 
 def decode_command(raw: bytes | memoryview) -> Dataset:
     return decode(BytesIO(bytes(raw)), True, True)
+
+
+def decode_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
+    """An identifier in the negotiated transfer syntax. Its elements stay raw (undecoded), so
+    encoding it again gives back exactly these bytes, character sets included."""
+    ts = UID(transfer_syntax)
+    return decode(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
+    ts = UID(transfer_syntax)
+    raw = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if raw is None:
+        raise ValueError("cannot encode dataset")
+    return raw
 
 
 def write_part10_header(

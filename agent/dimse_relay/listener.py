@@ -16,16 +16,19 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import queue
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 
 from dimse_relay import envelope, metrics, statuses, subjects
 from dimse_relay.config import AgentConfig, ListenerConfig
@@ -34,12 +37,14 @@ from dimse_relay.dicom import (
     contexts_from_results,
     dataset_offset,
     decode_command,
+    decode_dataset,
     encode_command,
     fallback_contexts,
     proposals_from_primitive,
 )
 from dimse_relay.envelope import (
     AckHeader,
+    CancelHeader,
     ChunkHeader,
     CloseHeader,
     ContextProposal,
@@ -140,6 +145,7 @@ class ListenerServer:
                 (evt.EVT_REQUESTED, self._on_requested, [by_aet]),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_RELEASED, self._on_closed, ["release"]),
                 (evt.EVT_ABORTED, self._on_closed, ["abort"]),
                 (evt.EVT_CONN_CLOSE, self._on_closed, ["abort"]),
@@ -497,6 +503,132 @@ class ListenerServer:
                 return
             if isinstance(header, ErrorHeader) and header.op_id == op_id:
                 raise RelayError(_FAILURES[header.reason], header.comment)
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[Dataset | int, Dataset | None]]:
+        """C-FIND: every pending response is yielded to pynetdicom as it arrives from the far
+        side; a C-CANCEL from the SCU is relayed to the real SCP, whose final status the SCU
+        then gets."""
+        req = cast(C_FIND, event.request)
+        msg = C_FIND_RQ()
+        identifier, req.Identifier = req.Identifier, None
+        try:
+            msg.primitive_to_message(req)
+        finally:
+            req.Identifier = identifier
+        raw = identifier.getvalue() if identifier is not None else b""
+        yield from self._relay_streamed(event, "C-FIND", encode_command(msg.command_set), raw)
+
+    def _relay_streamed(
+        self, event: evt.Event, service: str, command: bytes, identifier: bytes
+    ) -> Iterator[tuple[Dataset | int, Dataset | None]]:
+        """Relay one request whose responses come as a stream (C-FIND, C-GET, C-MOVE)."""
+        relayed = self._relayed.get(id(event.assoc))
+        started = time.monotonic()
+        if relayed is None:
+            yield self._failure_status(service, statuses.PROTOCOL_ERROR), None
+            return
+        last_status = 0
+        for status, dataset in self._stream_responses(event, relayed, service, command, identifier):
+            last_status = int(status.Status)
+            yield status, dataset
+        metrics.LATENCY.labels(service=service).observe(time.monotonic() - started)
+        metrics.REQUESTS.labels(
+            role="listener", service=service, status=metrics.status_class(last_status)
+        ).inc()
+
+    def _stream_responses(
+        self,
+        event: evt.Event,
+        relayed: RelayedAssociation,
+        service: str,
+        command: bytes,
+        identifier: bytes,
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        lcfg = relayed.listener
+        transfer_syntax = UID(str(event.context.transfer_syntax))
+        try:
+            subject = self._ensure_session(relayed)
+        except RelayError as exc:
+            yield self._failure_status(service, exc.failure), None
+            return
+        op_id = relayed.next_op()
+        hdr = RequestHeader(
+            op_id=op_id,
+            service=service,  # type: ignore[arg-type]
+            abstract_syntax=str(event.context.abstract_syntax),
+            transfer_syntax=str(transfer_syntax),
+            command_length=len(command),
+            dataset_length=len(identifier),
+            inline=True,
+            digest=hashlib.sha256(identifier).hexdigest(),
+        )
+        inbox, replies = self.transport.replies.new_thread_inbox()
+        finished = False
+        cancel_sent = False
+        timeout_s = lcfg.timeouts.request_s
+        try:
+            self._call(
+                self.transport.publish(subject, envelope.encode(hdr, command + identifier), inbox),
+                timeout_s,
+            )
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if event.is_cancelled and not cancel_sent:
+                    cancel_sent = True
+                    self._publish_cancel(subject, op_id)
+                try:
+                    msg = replies.get(timeout=0.05)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
+                    continue
+                header, body = self._decode_reply(msg)
+                if header is None or getattr(header, "op_id", None) != op_id:
+                    continue
+                if isinstance(header, ErrorHeader):
+                    raise RelayError(_FAILURES[header.reason], header.comment)
+                if not isinstance(header, ResponseHeader):
+                    continue
+                deadline = time.monotonic() + timeout_s
+                status, dataset = self._decode_response(header, body, transfer_syntax)
+                if header.final:
+                    finished = True
+                yield status, dataset
+                if finished:
+                    return
+        except RelayError as exc:
+            LOG.warning(
+                "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
+            )
+            finished = True
+            yield self._failure_status(service, exc.failure), None
+        finally:
+            if not finished and not cancel_sent:
+                # The SCU went away or pynetdicom stopped asking: stop the far operation too.
+                self._publish_cancel(subject, op_id)
+            self.transport.replies.release(inbox)
+
+    def _decode_response(
+        self, header: ResponseHeader, body: memoryview, transfer_syntax: UID
+    ) -> tuple[Dataset, Dataset | None]:
+        try:
+            status = decode_command(body[: header.command_length])
+            dataset = None
+            if header.dataset_length > 0:
+                raw = body[header.command_length : header.command_length + header.dataset_length]
+                dataset = decode_dataset(bytes(raw), transfer_syntax)
+        except Exception:
+            metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+            raise RelayError(statuses.PROTOCOL_ERROR) from None
+        if "Status" not in status:
+            raise RelayError(statuses.PROTOCOL_ERROR, "response without a status")
+        return status, dataset
+
+    def _publish_cancel(self, subject: str, op_id: int) -> None:
+        with contextlib.suppress(Exception):
+            self.transport.submit(
+                self.transport.publish(subject, envelope.encode(CancelHeader(op_id=op_id)))
+            )
 
     def _on_closed(self, event: evt.Event, mode: str) -> None:
         relayed = self._relayed.pop(id(event.assoc), None)

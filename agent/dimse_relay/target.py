@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,15 @@ from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     NODELAY_HANDLER,
     decode_command,
+    decode_dataset,
     encode_command,
+    encode_dataset,
     requested_contexts,
     write_part10_header,
 )
 from dimse_relay.envelope import (
     AckHeader,
+    CancelHeader,
     ChunkHeader,
     CloseHeader,
     ContextResult,
@@ -100,6 +104,8 @@ class TargetSession:
         self.assoc: Any = None
         self.uploads: dict[int, _Upload] = {}
         self.busy = 0  # DIMSE operations running against the SCP right now
+        # op_id -> (Message ID, SOP class) of streamed operations that may be cancelled
+        self.running: dict[int, tuple[int, str]] = {}
         self.last_activity = time.monotonic()
         self.sub: Any = None
         self.closed = False
@@ -207,6 +213,8 @@ class TargetSession:
             await self._on_request(header, body, msg.reply)
         elif isinstance(header, ChunkHeader):
             await self._on_chunk(header, body, msg.reply)
+        elif isinstance(header, CancelHeader):
+            await self._on_cancel(header.op_id)
         elif isinstance(header, CloseHeader):
             # Not awaited here: close() unsubscribes, which cancels this very callback's task.
             self.server.track(asyncio.ensure_future(self.close(header.mode)))
@@ -241,8 +249,121 @@ class TargetSession:
             await self._run_and_reply(hdr, reply, self._send_echo)
         elif hdr.service == "C-STORE":
             await self._start_store(hdr, command, body[hdr.command_length :], reply)
+        elif hdr.service == "C-FIND":
+            identifier = await self._inline_dataset(hdr, body, reply)
+            if identifier is not None:
+                self._start_streamed(hdr, reply, self._find_responses(hdr, command, identifier))
         else:
             await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not relayed")
+
+    async def _inline_dataset(
+        self, hdr: RequestHeader, body: memoryview, reply: str
+    ) -> Dataset | None:
+        """The identifier that came inline with a request, checked against length and digest."""
+        raw = bytes(body[hdr.command_length :])
+        why = None
+        if not hdr.inline or len(raw) != hdr.dataset_length:
+            why = "length_mismatch"
+        elif hdr.digest != hashlib.sha256(raw).hexdigest():
+            why = "bad_digest"
+        if why is None:
+            try:
+                return decode_dataset(raw, hdr.transfer_syntax)
+            except Exception:
+                why = "bad_dataset"
+        metrics.WIRE_REJECTED.labels(reason=why).inc()
+        await self._reply_error(reply, hdr.op_id, "protocol", f"identifier {why}")
+        return None
+
+    def _find_responses(
+        self, hdr: RequestHeader, command: Dataset, identifier: Dataset
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """(worker thread) the real SCP's C-FIND responses, as they arrive."""
+        msg_id = int(command.MessageID)
+        self.running[hdr.op_id] = (msg_id, hdr.abstract_syntax)
+        yield from self.assoc.send_c_find(
+            identifier,
+            hdr.abstract_syntax,
+            msg_id=msg_id,
+            priority=int(command.get("Priority", 2)),
+        )
+
+    def _start_streamed(
+        self,
+        hdr: RequestHeader,
+        reply: str,
+        responses: Iterator[tuple[Dataset, Dataset | None]],
+    ) -> None:
+        """Run a multi-response operation on the session thread; publish every response as
+        soon as the SCP sends it, waiting for each publish (back-pressure, order kept)."""
+        loop = asyncio.get_running_loop()
+        transport = self.server.transport
+
+        def publish(data: bytes) -> None:
+            asyncio.run_coroutine_threadsafe(transport.publish(reply, data), loop).result(30)
+
+        def run() -> str:
+            final_status = "none"
+            try:
+                for status, dataset in responses:
+                    if "Status" not in status:
+                        break  # no response: SCP aborted or timed out
+                    code = int(status.Status)
+                    final = code not in (0xFF00, 0xFF01)
+                    raw_status = encode_command(status)
+                    raw = b""
+                    if dataset is not None and not final:
+                        raw = encode_dataset(dataset, hdr.transfer_syntax)
+                    out = ResponseHeader(
+                        op_id=hdr.op_id,
+                        final=final,
+                        command_length=len(raw_status),
+                        dataset_length=len(raw) if raw else -1,
+                    )
+                    publish(envelope.encode(out, raw_status + raw))
+                    if final:
+                        final_status = metrics.status_class(code)
+                        break
+            except Exception as exc:
+                LOG.warning(
+                    "target operation failed",
+                    extra={**self.log_extra, "service": hdr.service, "error": type(exc).__name__},
+                )
+            finally:
+                self.running.pop(hdr.op_id, None)
+            if final_status == "none":
+                err = ErrorHeader(
+                    op_id=hdr.op_id,
+                    reason="target_unreachable",
+                    comment="no final response from the target SCP",
+                )
+                with contextlib.suppress(Exception):
+                    publish(envelope.encode(err))
+            return final_status
+
+        async def run_on_worker() -> None:
+            self.busy += 1
+            try:
+                status_class = await loop.run_in_executor(self.worker, run)
+            finally:
+                self.busy -= 1
+                self.last_activity = time.monotonic()
+            metrics.REQUESTS.labels(role="target", service=hdr.service, status=status_class).inc()
+
+        self.server.track(asyncio.ensure_future(run_on_worker()))
+
+    async def _on_cancel(self, op_id: int) -> None:
+        """C-CANCEL from the SCU: send it to the real SCP for the running operation."""
+        running = self.running.get(op_id)
+        if running is None or self.assoc is None:
+            return
+        msg_id, abstract_syntax = running
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            await loop.run_in_executor(
+                None, lambda: self.assoc.send_c_cancel(msg_id, query_model=abstract_syntax)
+            )
+        LOG.info("C-CANCEL relayed", extra={**self.log_extra, "op_id": op_id})
 
     async def _start_store(
         self, hdr: RequestHeader, command: Dataset, rest: memoryview, reply: str

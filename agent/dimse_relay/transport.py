@@ -8,9 +8,11 @@ timeout. Everything that touches the NATS client runs on the loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import ssl
 import threading
 import uuid
@@ -59,23 +61,38 @@ class ReplyRouter:
 
     def __init__(self, inbox_root: str):
         self.inbox_root = inbox_root
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._queues: dict[str, asyncio.Queue[Msg] | queue.Queue[Msg]] = {}
+        # Recently released inboxes: replies still in flight to them (after a timeout or a
+        # C-CANCEL) are expected and dropped quietly rather than counted as invalid.
+        self._released: collections.deque[str] = collections.deque(maxlen=4096)
 
     def new_inbox(self) -> tuple[str, asyncio.Queue[Msg]]:
+        """An inbox whose replies are read on the NATS loop."""
         token = uuid.uuid4().hex
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[token] = queue
-        return f"{self.inbox_root}.{token}", queue
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queues[token] = replies
+        return f"{self.inbox_root}.{token}", replies
+
+    def new_thread_inbox(self) -> tuple[str, queue.Queue[Msg]]:
+        """An inbox whose replies are read by a pynetdicom thread (streamed responses)."""
+        token = uuid.uuid4().hex
+        replies: queue.Queue[Msg] = queue.Queue()
+        self._queues[token] = replies
+        return f"{self.inbox_root}.{token}", replies
 
     def release(self, inbox: str) -> None:
-        self._queues.pop(inbox.rsplit(".", 1)[-1], None)
+        token = inbox.rsplit(".", 1)[-1]
+        if self._queues.pop(token, None) is not None:
+            self._released.append(token)
 
     async def dispatch(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject.rsplit(".", 1)[-1])
-        if queue is None:
-            metrics.WIRE_REJECTED.labels(reason="no_such_inbox").inc()
+        token = msg.subject.rsplit(".", 1)[-1]
+        replies = self._queues.get(token)
+        if replies is None:
+            if token not in self._released:
+                metrics.WIRE_REJECTED.labels(reason="no_such_inbox").inc()
             return
-        queue.put_nowait(msg)
+        replies.put_nowait(msg)
 
 
 class NatsTransport:

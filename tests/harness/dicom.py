@@ -282,3 +282,61 @@ def make_large_instance(path: Path, size: int) -> Path:
             fh.write(block[:n])
             left -= n
     return path
+
+
+@dataclass
+class PynetdicomFindSCP:
+    """A pynetdicom Query/Retrieve Find SCP answering every query with ``matches`` pending
+    responses, recording when it sent each one and whether it saw a C-CANCEL."""
+
+    ae_title: str = "FINDSCP"
+    port: int = field(default_factory=free_port)
+    matches: int = 1000
+    delay_s: float = 0.0
+    sent_at: list[float] = field(default_factory=list)
+    cancelled: bool = False
+    queries: list[Any] = field(default_factory=list)
+    message_ids: list[int] = field(default_factory=list)
+    calling_aets: list[str] = field(default_factory=list)
+    server: Any = None
+
+    def _handle_find(self, event: evt.Event) -> Any:
+        from pydicom.dataset import Dataset
+
+        self.queries.append(event.identifier)
+        self.message_ids.append(int(event.request.MessageID))
+        self.calling_aets.append(str(event.assoc.requestor.ae_title).strip())
+        self.sent_at.clear()
+        for i in range(self.matches):
+            if event.is_cancelled:
+                self.cancelled = True
+                yield 0xFE00, None
+                return
+            ds = Dataset()
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.PatientName = f"Müller^Jürgen^{i}"
+            ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.1484.{i + 1}"
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            self.sent_at.append(time.monotonic())
+            yield 0xFF00, ds
+        yield 0x0000, None
+
+    def start(self) -> PynetdicomFindSCP:
+        from pynetdicom import QueryRetrievePresentationContexts
+
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(Verification)
+        for cx in QueryRetrievePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context("1.2.840.10008.5.1.4.31")  # Modality Worklist Find
+        self.server = ae.start_server(
+            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_FIND, self._handle_find)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
