@@ -1,0 +1,564 @@
+"""dimse-relay benchmark: the same DCMTK/pynetdicom SCU and the same DCMTK storescp, direct
+and through the relay (edge agent -> TLS nats-server with client certificates -> cloud agent
+-> storescp), side by side in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--strict] [--keep]
+
+Prints a table and writes the figures to bench/results/<UTC timestamp>.json and
+bench/results/latest.json. Exits 1 if any transfer fails or what is stored is not what was
+sent (the figures would be worthless), 3 with --strict if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the harness lives in tests/harness
+    sys.path.insert(0, str(REPO))
+
+from tests.harness import NATS_SERVER, STORESCU  # noqa: E402
+from tests.harness.agents import AgentProcess, nats_section  # noqa: E402
+from tests.harness.dicom import (  # noqa: E402
+    DcmtkStoreSCP,
+    ScuResult,
+    make_large_instance,
+    storescu,
+)
+from tests.harness.nats import NatsServer  # noqa: E402
+from tests.harness.pki import TestPKI, make_pki  # noqa: E402
+from tests.harness.ports import free_port  # noqa: E402
+from workload import (  # noqa: E402
+    BenchFailure,
+    PhaseMonitor,
+    check_small_stored,
+    dataset_digest,
+    echo_series,
+    median,
+    nats_rtt,
+    percentile,
+    small_instances,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCP_AET = "BENCHSCP"
+SCU_AET = "BENCHSCU"
+MIB = 1024 * 1024
+MB = 1_000_000
+REPEATS = 3  # small and large C-STORE runs each way; the table has the median
+
+FULL = {"small_count": 300, "large_mib": 256, "rss_mib": 2048, "echo_count": 200}
+QUICK = {"small_count": 50, "large_mib": 32, "rss_mib": 256, "echo_count": 100}
+
+
+@dataclass
+class Row:
+    metric: str
+    unit: str
+    direct: float | None
+    relay: float | None
+    ratio: float | None  # relay / direct
+    target: str
+    ok: bool | None  # None: no target, informational
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, work: Path, params: dict[str, int]):
+        self.work = work
+        self.params = params
+        self.stack = contextlib.ExitStack()
+        self.pki: TestPKI | None = None
+        self.nats: NatsServer | None = None
+        self.scp: DcmtkStoreSCP | None = None
+        self.agents: list[AgentProcess] = []
+        self.rows: list[Row] = []
+        self.extra: dict[str, Any] = {}
+        self.analysis: dict[str, Any] = {}
+        self.extra["analysis"] = self.analysis
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def start_infra(self) -> None:
+        self.pki = make_pki(self.work / "pki")
+        self.nats = NatsServer(self.work / "nats", self.pki).start()
+        self.stack.callback(self.nats.stop)
+        # ONE storescp: direct transfers and the cloud agent's target are the same SCP.
+        self.scp = DcmtkStoreSCP(self.work / "scp", SCP_AET).start()
+        self.stack.callback(self.scp.stop)
+
+    def start_relay(self, tag: str) -> int:
+        """A cloud agent with storescp as its target and an edge agent listening for the same
+        AE title, as in tests/conftest.py; the edge listener's port."""
+        assert self.pki and self.nats and self.scp
+        target = {"ae_title": SCP_AET, "host": "127.0.0.1", "port": self.scp.port}
+        cloud = AgentProcess(
+            f"cloud-{tag}",
+            self.work / f"cloud-{tag}",
+            {
+                "nats": nats_section(self.nats.url, self.pki, self.pki.client("cloud")),
+                "targets": [target],
+            },
+        )
+        self.agents.append(cloud)
+        self.stack.callback(cloud.stop)
+        cloud.start()
+        port = free_port()
+        edge = AgentProcess(
+            f"edge-{tag}",
+            self.work / f"edge-{tag}",
+            {
+                "nats": nats_section(self.nats.url, self.pki, self.pki.client("edge")),
+                "listeners": [{"ae_title": SCP_AET, "bind": "127.0.0.1", "port": port}],
+            },
+        )
+        self.agents.append(edge)
+        self.stack.callback(edge.stop)
+        edge.start()
+        self.edge, self.cloud = edge, cloud
+        return port
+
+    def stop_relay(self) -> None:
+        for agent in (self.edge, self.cloud):
+            agent.stop()
+            if agent.proc is not None and agent.proc.returncode not in (0, -15):
+                raise BenchFailure(
+                    f"agent {agent.name} exited with {agent.proc.returncode}:\n{agent.log_tail()}"
+                )
+
+    def listener_seconds(self, service: str) -> tuple[float, float]:
+        """The edge listener's request-time histogram (sum s, count) for ``service``: from
+        the DIMSE request reaching its handler to the far response (NATS, cloud agent, SCP)."""
+        return (
+            self.edge.metric("dimse_relay_request_seconds_sum", service=service),
+            self.edge.metric("dimse_relay_request_seconds_count", service=service),
+        )
+
+    def monitor(self) -> PhaseMonitor:
+        assert self.scp is not None
+        return PhaseMonitor(
+            {
+                "edge_spool": Path(self.edge.config["work_dir"]) / "incoming",
+                "cloud_spool": Path(self.cloud.config["work_dir"]) / "spool",
+                "scp_stored": self.scp.out,
+            }
+        )
+
+    def direct_tail(self, mon: PhaseMonitor, key: str) -> None:
+        """Direct run: when storescp's file was complete and when storescu returned."""
+        done = mon.summary()["scp_stored"]["complete_s"]
+        self.analysis[f"{key}_direct"] = {"scp_complete_s": done, "elapsed_s": mon.elapsed}
+        if done is not None:
+            log(
+                f"    direct: storescp file complete at {done:.2f} s, "
+                f"storescu done at {mon.elapsed:.2f} s"
+            )
+
+    def phases(self, mon: PhaseMonitor, total: int, key: str) -> None:
+        """Log and keep where a relayed large transfer's time went."""
+        s = mon.summary()
+        marks = [
+            ("storescu -> edge agent (pynetdicom, to spool)", 0.0, s["edge_spool"]["complete_s"]),
+            (
+                "edge -> NATS -> cloud agent (chunks, to spool)",
+                s["edge_spool"]["complete_s"],
+                s["cloud_spool"]["complete_s"],
+            ),
+            (
+                "cloud agent -> storescp (pynetdicom)",
+                s["cloud_spool"]["complete_s"],
+                s["scp_stored"]["complete_s"],
+            ),
+            ("response back to storescu", s["scp_stored"]["complete_s"], mon.elapsed),
+        ]
+        out = []
+        for label, a, b in marks:
+            if a is None or b is None:
+                continue
+            dur = max(b - a, 1e-9)
+            rate = total / dur / MB if "response" not in label else None
+            out.append({"phase": label, "start_s": a, "end_s": b, "seconds": dur, "MB_s": rate})
+            log(
+                f"    {label:48s} {a:7.2f} -> {b:7.2f} s  ({dur:6.2f} s"
+                + (f", {rate:6.1f} MB/s)" if rate else ")")
+            )
+        self.analysis[key] = {"phases": out, "monitor": s, "elapsed_s": mon.elapsed}
+
+    # --- checked transfers ------------------------------------------------------------
+
+    def store(self, port: int, files: list[Path], label: str, timeout: float) -> ScuResult:
+        """storescu on one association; Success for every file and every file stored,
+        or BenchFailure."""
+        assert self.scp is not None
+        self.scp.clear()
+        result = storescu(port, files, SCP_AET, calling=SCU_AET, timeout=timeout)
+        statuses = result.statuses()
+        if result.returncode != 0 or statuses != ["Success"] * len(files):
+            bad = [s for s in statuses if s != "Success"]
+            raise BenchFailure(
+                f"{label}: storescu rc={result.returncode}, {statuses.count('Success')} of "
+                f"{len(files)} Success, other statuses {bad[:5]}\n{result.output[-3000:]}"
+            )
+        deadline = time.monotonic() + 10
+        while len(self.scp.files()) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return result
+
+    def store_large(self, port: int, src: Path, digest: tuple[int, str], label: str) -> float:
+        """One large instance; the elapsed seconds, after checking the stored dataset's
+        length and SHA-256 against the source. The stored file is deleted."""
+        assert self.scp is not None
+        result = self.store(port, [src], label, timeout=1800)
+        stored = self.scp.files()
+        if len(stored) != 1:
+            raise BenchFailure(f"{label}: {len(stored)} files stored, 1 sent")
+        got = dataset_digest(stored[0])
+        stored[0].unlink()
+        if got != digest:
+            raise BenchFailure(f"{label}: stored dataset {got} differs from sent {digest}")
+        return result.elapsed
+
+    # --- the measurements -----------------------------------------------------------
+
+    def bench_small(self, port: int) -> None:
+        count = self.params["small_count"]
+        files = small_instances(self.work / "small", count)
+        size = sum(f.stat().st_size for f in files) / count
+        log(f"small: {count} instances of {size / 1024:.1f} KiB, one association each way")
+        assert self.scp is not None
+        runs: dict[str, list[float]] = {"direct": [], "relay": []}
+        reference = None
+        for mode, p in (("direct", self.scp.port), ("relay", port)):
+            self.store(p, files[:1], f"small warm-up {mode}", timeout=60)
+        # Rounds alternate direct and relay so drift (page cache, other load) hits both.
+        for rnd in range(REPEATS):
+            for mode, p in (("direct", self.scp.port), ("relay", port)):
+                before = self.listener_seconds("C-STORE")
+                result = self.store(p, files, f"small {mode} #{rnd + 1}", timeout=600)
+                after = self.listener_seconds("C-STORE")
+                reference = check_small_stored(
+                    count, self.scp.files(), f"small {mode} #{rnd + 1}", reference
+                )
+                runs[mode].append(count / result.elapsed)
+                log(f"  {mode} #{rnd + 1}: {result.elapsed:.2f} s, {runs[mode][-1]:.1f} inst/s")
+                if mode == "relay":
+                    n = after[1] - before[1]
+                    if n != count:
+                        raise BenchFailure(f"small relay: edge counted {n} C-STOREs, {count} sent")
+                    handler_ms = (after[0] - before[0]) / n * 1e3
+                    per_ms = result.elapsed / count * 1e3
+                    self.analysis.setdefault("small", []).append(
+                        {
+                            "scu_ms_per_instance": per_ms,
+                            "listener_handler_ms_per_instance": handler_ms,
+                        }
+                    )
+                    log(
+                        f"    per instance {per_ms:.2f} ms, {handler_ms:.2f} ms of it in the edge "
+                        "handler (NATS + cloud agent + storescp)"
+                    )
+        rates = {mode: median(v) for mode, v in runs.items()}
+        self.analysis["small_runs_inst_s"] = runs
+        self.scp.clear()
+        shutil.rmtree(self.work / "small")
+        ratio = rates["relay"] / rates["direct"]
+        self.rows.append(
+            Row(
+                f"C-STORE {count} x {size / 1024:.0f} KiB, 1 assoc, med/3",
+                "inst/s",
+                rates["direct"],
+                rates["relay"],
+                ratio,
+                "relay >= 25% of direct",
+                ratio >= 0.25,
+            )
+        )
+
+    def bench_large(self, port: int) -> None:
+        size = self.params["large_mib"] * MIB
+        src = make_large_instance(self.work / "large.dcm", size)
+        digest = dataset_digest(src)
+        total = src.stat().st_size
+        log(f"large: one instance of {total / MIB:.0f} MiB")
+        assert self.scp is not None
+        runs: dict[str, list[float]] = {"direct": [], "relay": []}
+        for rnd in range(REPEATS):
+            for mode, p in (("direct", self.scp.port), ("relay", port)):
+                with self.monitor() as mon:
+                    elapsed = self.store_large(p, src, digest, f"large {mode} #{rnd + 1}")
+                runs[mode].append(total / elapsed / MB)
+                log(f"  {mode} #{rnd + 1}: {elapsed:.2f} s, {runs[mode][-1]:.1f} MB/s")
+                if mode == "direct":
+                    self.direct_tail(mon, "large")
+        rates = {mode: median(v) for mode, v in runs.items()}
+        self.analysis["large_runs_MB_s"] = runs
+        self.phases(mon, total, "large")
+        src.unlink()
+        ratio = rates["relay"] / rates["direct"]
+        self.rows.append(
+            Row(
+                f"C-STORE 1 x {self.params['large_mib']} MiB, med/3",
+                "MB/s",
+                rates["direct"],
+                rates["relay"],
+                ratio,
+                "relay >= 20% of direct",
+                ratio >= 0.20,
+            )
+        )
+
+    def bench_echo(self, port: int) -> None:
+        count = self.params["echo_count"]
+        assert self.scp is not None
+        log(f"echo: {count} C-ECHOs on one association each way (pynetdicom SCU)")
+        direct = echo_series(self.scp.port, SCP_AET, count)
+        before = self.listener_seconds("C-ECHO")
+        relay = echo_series(port, SCP_AET, count)
+        after = self.listener_seconds("C-ECHO")
+        assert self.pki is not None and self.nats is not None
+        tester = self.pki.client("tester")
+        rtt = nats_rtt(self.nats.url, self.pki.ca, tester.cert, tester.key, count)
+        handler = (after[0] - before[0]) / max(after[1] - before[1], 1) * 1e3
+        self.analysis["echo"] = {
+            "listener_handler_mean_ms": handler,
+            "nats_tls_request_reply_median_ms": median(rtt) * 1e3,
+            "nats_tls_request_reply_p99_ms": percentile(rtt, 99) * 1e3,
+        }
+        for mode, times in (("direct", direct), ("relay", relay)):
+            log(
+                f"  {mode}: median {median(times) * 1e3:.2f} ms, "
+                f"p99 {percentile(times, 99) * 1e3:.2f} ms, max {max(times) * 1e3:.2f} ms"
+            )
+        log(
+            f"  edge handler mean {handler:.2f} ms (NATS + cloud agent + storescp); bare NATS "
+            f"TLS request/reply median {median(rtt) * 1e3:.2f} ms"
+        )
+        med_d, med_r = median(direct) * 1e3, median(relay) * 1e3
+        p99_d, p99_r = percentile(direct, 99) * 1e3, percentile(relay, 99) * 1e3
+        self.rows.append(
+            Row(
+                f"C-ECHO RTT median ({count})",
+                "ms",
+                med_d,
+                med_r,
+                med_r / med_d,
+                "relay <= 5 ms",
+                med_r <= 5.0,
+            )
+        )
+        self.rows.append(
+            Row(f"C-ECHO RTT p99 ({count})", "ms", p99_d, p99_r, p99_r / p99_d, "-", None)
+        )
+
+    def bench_rss(self) -> None:
+        """Fresh agents, so VmHWM is what relaying this one instance took."""
+        mib = self.params["rss_mib"]
+        assert self.scp is not None
+        src = make_large_instance(self.work / "huge.dcm", mib * MIB)
+        digest = dataset_digest(src)
+        total = src.stat().st_size
+        log(f"rss: one instance of {total / MIB:.0f} MiB, direct, then through fresh agents")
+        with self.monitor() as mon:
+            direct_s = self.store_large(self.scp.port, src, digest, f"rss {mib} MiB direct")
+        direct = total / direct_s / MB
+        self.direct_tail(mon, "rss")
+        log(f"  direct: {direct:.1f} MB/s")
+        port = self.start_relay("rss")
+        baseline = {a.name: a.peak_rss_kib() / 1024 for a in (self.edge, self.cloud)}
+        with self.monitor() as mon:
+            elapsed = self.store_large(port, src, digest, f"rss {mib} MiB relay")
+        src.unlink()
+        rate = total / elapsed / MB
+        peaks = {a.name: a.peak_rss_kib() / 1024 for a in (self.edge, self.cloud)}
+        log(f"  relay: {elapsed:.2f} s, {rate:.1f} MB/s")
+        self.phases(mon, total, "rss")
+        for name, peak in peaks.items():
+            log(f"  {name}: VmHWM {peak:.0f} MiB (at start {baseline[name]:.0f} MiB)")
+        self.extra["rss_baseline_mib"] = baseline
+        self.stop_relay()
+        self.rows.append(
+            Row(
+                f"C-STORE 1 x {mib} MiB (fresh agents)",
+                "MB/s",
+                direct,
+                rate,
+                rate / direct,
+                "-",
+                None,
+            )
+        )
+        for role, agent in (("edge", self.edge), ("cloud", self.cloud)):
+            peak = peaks[agent.name]
+            self.rows.append(
+                Row(
+                    f"{role} agent peak RSS ({mib} MiB)",
+                    "MiB",
+                    None,
+                    peak,
+                    None,
+                    "< 200 MiB",
+                    peak < 200,
+                )
+            )
+
+    def run(self) -> None:
+        with self.stack:
+            self.start_infra()
+            port = self.start_relay("main")
+            self.bench_echo(port)
+            self.bench_small(port)
+            self.bench_large(port)
+            self.stop_relay()
+            self.bench_rss()
+
+    def log_tails(self) -> str:
+        parts = [f"--- {a.name} ---\n{a.log_tail(20)}" for a in self.agents]
+        if self.scp is not None and self.scp.log_path.exists():
+            tail = self.scp.log_path.read_text(errors="replace").splitlines()[-20:]
+            parts.append("--- storescp ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "ratio":
+        return f"{value * 100:.0f}%" if value < 10 else f"{value:.1f}x"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ["metric", "unit", "direct", "relay", "ratio", "target", "ok"]
+    body = [
+        [
+            r.metric,
+            r.unit,
+            fmt(r.direct),
+            fmt(r.relay),
+            "-"
+            if r.ratio is None
+            else (f"{r.ratio:.1f}x" if r.unit == "ms" else fmt(r.ratio, "ratio")),
+            r.target,
+            "-" if r.ok is None else ("yes" if r.ok else "NO"),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(head, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    return "\n".join(lines)
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unavailable: {exc}"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else ""
+
+
+def environment() -> dict[str, Any]:
+    commit = tool_version(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    return {
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "nats_server": tool_version([str(NATS_SERVER), "--version"]),
+        "dcmtk": tool_version([str(STORESCU), "--version"]),
+    }
+
+
+def write_results(doc: dict[str, Any], stamp: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    text = json.dumps(doc, indent=2) + "\n"
+    out = RESULTS / f"{stamp}.json"
+    for path in (out, RESULTS / "latest.json"):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--strict", action="store_true", help="exit 3 if a target is missed")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--work-root",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the work directory goes (disk, not tmpfs: the RSS run writes GiBs)",
+    )
+    args = parser.parse_args(argv)
+    params = QUICK if args.quick else FULL
+    started = time.monotonic()
+    now = datetime.now(UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    args.work_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dimse-relay-bench-", dir=args.work_root))
+    log(f"work dir {work} ({'quick' if args.quick else 'full'} run: {params})")
+    bench = Bench(work, params)
+    errors: list[str] = []
+    try:
+        bench.run()
+    except Exception as exc:  # any failure: the figures are incomplete, say so, exit 1
+        errors.append(f"{type(exc).__name__}: {exc}")
+        print(f"\nBENCH FAILED: {exc}\n{bench.log_tails()}", file=sys.stderr)
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    runtime = time.monotonic() - started
+    targets_met = all(r.ok is not False for r in bench.rows)
+    doc = {
+        "timestamp": now.isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "params": params,
+        "correct": not errors,
+        "errors": errors,
+        "targets_met": targets_met and not errors,
+        "runtime_s": round(runtime, 1),
+        "environment": environment(),
+        "rows": [asdict(r) for r in bench.rows],
+        **bench.extra,
+    }
+    out = write_results(doc, stamp)
+    print()
+    print(table(bench.rows))
+    print(f"\nruntime {runtime:.0f} s; results in {out.relative_to(REPO)} and latest.json")
+    if errors:
+        print("FAILED: the figures above are incomplete, a transfer or a check failed")
+        return 1
+    if not targets_met:
+        print("targets missed: " + ", ".join(r.metric for r in bench.rows if r.ok is False))
+        if args.strict:
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
