@@ -177,6 +177,13 @@ class TargetConfig(_Strict):
         return self.called_ae_title or self.ae_title
 
 
+class MoveDestination(_Strict):
+    """Where a C-MOVE destination AE title lives on this agent's side."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -191,6 +198,14 @@ class AgentConfig(_Strict):
     work_dir: Path = Path("/var/lib/dimse-relay")
     listeners: list[ListenerConfig] = Field(default_factory=list)
     targets: list[TargetConfig] = Field(default_factory=list)
+    # AE table for C-MOVE: destination AE title -> address. A C-MOVE to a listener whose
+    # destination is not here is refused with 0xA801 (Move Destination unknown).
+    move_destinations: dict[str, MoveDestination] = Field(default_factory=dict)
+
+    @field_validator("move_destinations")
+    @classmethod
+    def _destination_aets(cls, table: dict[str, MoveDestination]) -> dict[str, MoveDestination]:
+        return {_check_ae_title(aet): dest for aet, dest in table.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentConfig:

@@ -22,6 +22,7 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom import association as pynetdicom_association
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -46,8 +47,11 @@ def _bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
 
 
-def configure_pynetdicom(log_identifiers: bool) -> None:
+def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.001) -> None:
     """Process-wide pynetdicom settings the relay depends on."""
+    global POLL_INTERVAL_S
+    POLL_INTERVAL_S = poll_interval_s
+    pynetdicom_association.time = _ShortSleepTime()  # type: ignore[attr-defined,assignment]
     # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
     DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the
@@ -62,7 +66,25 @@ def configure_pynetdicom(log_identifiers: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if log_identifiers else logging.WARNING)
 
 
+# pynetdicom's DUL and association reactors poll their queues, sleeping 1 ms between polls;
+# in a relay every DIMSE message crosses four such loops, so the sleep is shortened (the cost
+# is more wake-ups of idle associations). Set by configure_pynetdicom.
+POLL_INTERVAL_S = 0.001
+
+
+class _ShortSleepTime:
+    """Stands in for the ``time`` module inside pynetdicom.association: sleeps are capped."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, POLL_INTERVAL_S))
+
+
 def _set_nodelay(event: evt.Event) -> None:
+    event.assoc.dul._run_loop_delay = POLL_INTERVAL_S
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):

@@ -110,6 +110,9 @@ class RequestHeader(_Header):
     inline: bool = True
     chunk_count: int = Field(default=0, ge=0)
     digest: str | None = Field(default=None, max_length=128)
+    # Set on the C-STORE sub-operation instances a target streams back during a C-GET or
+    # C-MOVE: the op_id of that retrieve request.
+    parent_op_id: int | None = Field(default=None, ge=0)
 
 
 class ChunkHeader(_Header):

@@ -16,31 +16,38 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, cast
 
 from nats.aio.msg import Msg
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    build_context,
+    build_role,
+    evt,
+)
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
 from dimse_relay import envelope, metrics, subjects
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     NODELAY_HANDLER,
+    dataset_offset,
     decode_command,
     decode_dataset,
     encode_command,
     encode_dataset,
     requested_contexts,
-    write_part10_header,
 )
 from dimse_relay.envelope import (
     AckHeader,
@@ -55,6 +62,7 @@ from dimse_relay.envelope import (
     RequestHeader,
     ResponseHeader,
 )
+from dimse_relay.streaming import SpooledDataset, await_response, send_dataset
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.target")
@@ -68,24 +76,18 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         LOG.error("target task failed", exc_info=exc)
 
 
-@dataclass
-class _Upload:
-    """A C-STORE dataset arriving in chunks, spooled to a temp file."""
+# Query/Retrieve C-MOVE models and the C-GET model a target uses to retrieve for them.
+_GET_FOR_MOVE = {
+    "1.2.840.10008.5.1.4.1.2.1.2": "1.2.840.10008.5.1.4.1.2.1.3",  # Patient Root
+    "1.2.840.10008.5.1.4.1.2.2.2": "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root
+    "1.2.840.10008.5.1.4.1.2.3.2": "1.2.840.10008.5.1.4.1.2.3.3",  # Patient/Study Only
+}
 
-    header: RequestHeader
-    command: Dataset
-    path: Path
-    fh: IO[bytes]
-    reply: str
-    next_seq: int = 0
-    received: int = 0
-    digest: Any = field(default_factory=hashlib.sha256)
 
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fh.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+@dataclass(frozen=True)
+class _Retrieve:
+    op_id: int
+    reply: str  # the listener's inbox for this retrieve
 
 
 class TargetSession:
@@ -102,10 +104,13 @@ class TargetSession:
         self.reply_inbox = open_hdr.reply_inbox
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session")
         self.assoc: Any = None
-        self.uploads: dict[int, _Upload] = {}
+        self.uploads: dict[int, SpooledDataset] = {}
         self.busy = 0  # DIMSE operations running against the SCP right now
         # op_id -> (Message ID, SOP class) of streamed operations that may be cancelled
         self.running: dict[int, tuple[int, str]] = {}
+        self.retrieve: _Retrieve | None = None  # the C-GET whose sub-operations arrive now
+        self.retrieve_assoc: Any = None  # the second association of a relayed C-MOVE
+        self.sub_counter = 0
         self.last_activity = time.monotonic()
         self.sub: Any = None
         self.closed = False
@@ -135,7 +140,7 @@ class TargetSession:
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
             max_pdu=self.cfg.max_pdu,
-            evt_handlers=[NODELAY_HANDLER],
+            evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if assoc.is_established:
             self.assoc = assoc
@@ -185,7 +190,10 @@ class TargetSession:
         return self.assoc.send_c_echo()  # type: ignore[no-any-return]
 
     def _send_store(self, command: Dataset, path: Path) -> Dataset:
-        kwargs: dict[str, Any] = {"priority": int(getattr(command, "Priority", 2))}
+        kwargs: dict[str, Any] = {
+            "priority": int(getattr(command, "Priority", 2)),
+            "msg_id": int(command.MessageID),
+        }
         if "MoveOriginatorApplicationEntityTitle" in command:
             kwargs["originator_aet"] = command.MoveOriginatorApplicationEntityTitle
             kwargs["originator_id"] = int(command.MoveOriginatorMessageID)
@@ -249,10 +257,17 @@ class TargetSession:
             await self._run_and_reply(hdr, reply, self._send_echo)
         elif hdr.service == "C-STORE":
             await self._start_store(hdr, command, body[hdr.command_length :], reply)
-        elif hdr.service == "C-FIND":
+        elif hdr.service in ("C-FIND", "C-GET", "C-MOVE"):
             identifier = await self._inline_dataset(hdr, body, reply)
-            if identifier is not None:
-                self._start_streamed(hdr, reply, self._find_responses(hdr, command, identifier))
+            if identifier is None:
+                return
+            if hdr.service == "C-FIND":
+                responses = self._find_responses(hdr, command, identifier)
+            elif hdr.service == "C-GET":
+                responses = self._get_responses(hdr, command, identifier, reply)
+            else:
+                responses = self._move_responses(hdr, command, identifier, reply)
+            self._start_streamed(hdr, reply, responses)
         else:
             await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not relayed")
 
@@ -287,6 +302,143 @@ class TargetSession:
             msg_id=msg_id,
             priority=int(command.get("Priority", 2)),
         )
+
+    def _get_responses(
+        self, hdr: RequestHeader, command: Dataset, identifier: Dataset, reply: str
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """(worker thread) C-GET on the relayed association; the C-STORE sub-operations the
+        SCP sends on it are streamed back to the listener by _on_retrieved_store."""
+        msg_id = int(command.MessageID)
+        self.running[hdr.op_id] = (msg_id, hdr.abstract_syntax)
+        self.retrieve = _Retrieve(hdr.op_id, reply)
+        try:
+            yield from self.assoc.send_c_get(
+                identifier,
+                hdr.abstract_syntax,
+                msg_id=msg_id,
+                priority=int(command.get("Priority", 2)),
+            )
+        finally:
+            self.retrieve = None
+
+    def _move_responses(
+        self, hdr: RequestHeader, command: Dataset, identifier: Dataset, reply: str
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """(worker thread) C-MOVE relayed as a C-GET from the SCP on a second association:
+        the instances come back to this agent and are streamed to the listener, whose agent
+        stores them to the move destination on its side. Progress and final status are the
+        SCP's C-GET responses (the same status codes and sub-operation counts)."""
+        get_model = _GET_FOR_MOVE.get(hdr.abstract_syntax)
+        if get_model is None:
+            status = Dataset()
+            status.Status = 0x0122  # SOP class not supported
+            yield status, None
+            return
+        calling = self.cfg.calling_ae_title or self.open_hdr.calling_ae_title
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = self.cfg.timeouts.acse_s
+        ae.dimse_timeout = self.cfg.timeouts.dimse_s
+        ae.network_timeout = self.cfg.timeouts.network_s
+        ae.connection_timeout = self.cfg.timeouts.connect_s
+        contexts = [build_context(get_model)]
+        roles: list[Any] = []
+        for cx in StoragePresentationContexts[: 128 - 1]:
+            assert cx.abstract_syntax is not None
+            contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
+            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+        retrieve_assoc = ae.associate(
+            self.cfg.host,
+            self.cfg.port,
+            contexts=contexts,
+            ae_title=self.cfg.scp_ae_title,
+            ext_neg=roles,
+            max_pdu=self.cfg.max_pdu,
+            evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
+        )
+        if not retrieve_assoc.is_established:
+            status = Dataset()
+            status.Status = 0xA702  # Refused: Out of resources - unable to perform sub-ops
+            status.ErrorComment = "dimse-relay: SCP refused the C-GET association"
+            yield status, None
+            return
+        msg_id = int(command.MessageID)
+        self.running[hdr.op_id] = (msg_id, get_model)
+        self.retrieve = _Retrieve(hdr.op_id, reply)
+        self.retrieve_assoc = retrieve_assoc
+        try:
+            yield from retrieve_assoc.send_c_get(
+                identifier,
+                get_model,
+                msg_id=msg_id,
+                priority=int(command.get("Priority", 2)),
+            )
+        finally:
+            self.retrieve = None
+            self.retrieve_assoc = None
+            retrieve_assoc.release()
+
+    def _on_retrieved_store(self, event: evt.Event) -> int:
+        """(association thread) a C-STORE sub-operation of a C-GET: stream the instance to the
+        listener and answer the SCP with the status the listener's agent reports for it."""
+        retrieve = self.retrieve
+        if retrieve is None:
+            return 0xA900  # not expected outside a retrieve
+        path = Path(event.dataset_path)
+        offset = dataset_offset(path)
+        req = cast(C_STORE, event.request)
+        msg = C_STORE_RQ()
+        dataset, req.DataSet = req.DataSet, None
+        try:
+            msg.primitive_to_message(req)
+        finally:
+            req.DataSet = dataset
+        command = encode_command(msg.command_set)
+        self.sub_counter += 1
+        request = RequestHeader(
+            op_id=(1 << 32) + self.sub_counter,
+            parent_op_id=retrieve.op_id,
+            service="C-STORE",
+            abstract_syntax=str(event.context.abstract_syntax),
+            transfer_syntax=str(event.context.transfer_syntax),
+            command_length=len(command),
+            dataset_length=path.stat().st_size - offset,
+        )
+        future = asyncio.run_coroutine_threadsafe(
+            self._send_instance(retrieve.reply, request, command, path, offset),
+            self.server.transport.loop,
+        )
+        try:
+            status = future.result(self.cfg.timeouts.dimse_s)
+        except Exception as exc:
+            LOG.warning(
+                "retrieved instance not relayed",
+                extra={**self.log_extra, "error": type(exc).__name__},
+            )
+            return 0xA700
+        return int(status.Status)
+
+    async def _send_instance(
+        self, reply: str, request: RequestHeader, command: bytes, path: Path, offset: int
+    ) -> Dataset:
+        transport = self.server.transport
+        inbox, replies = transport.replies.new_inbox()
+        nats_cfg = self.server.agent_cfg.nats
+        try:
+            await send_dataset(
+                transport,
+                reply,
+                inbox,
+                replies,
+                request,
+                command,
+                path,
+                offset,
+                window=nats_cfg.window_chunks,
+                ack_timeout_s=self.cfg.timeouts.dimse_s,
+            )
+            return await await_response(replies, request.op_id, self.cfg.timeouts.dimse_s)
+        finally:
+            transport.replies.release(inbox)
 
     def _start_streamed(
         self,
@@ -358,10 +510,11 @@ class TargetSession:
         if running is None or self.assoc is None:
             return
         msg_id, abstract_syntax = running
+        assoc = self.retrieve_assoc or self.assoc
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
             await loop.run_in_executor(
-                None, lambda: self.assoc.send_c_cancel(msg_id, query_model=abstract_syntax)
+                None, lambda: assoc.send_c_cancel(msg_id, query_model=abstract_syntax)
             )
         LOG.info("C-CANCEL relayed", extra={**self.log_extra, "op_id": op_id})
 
@@ -377,19 +530,9 @@ class TargetSession:
         for stale in self.uploads.values():
             stale.discard()
         self.uploads.clear()
-        work = self.server.spool_dir
-        fd, name = tempfile.mkstemp(prefix="store-", suffix=".dcm", dir=work)
-        fh = os.fdopen(fd, "wb")
-        up = _Upload(header=hdr, command=command, path=Path(name), fh=fh, reply=reply)
         try:
-            write_part10_header(
-                fh,
-                str(command.AffectedSOPClassUID),
-                str(command.AffectedSOPInstanceUID),
-                hdr.transfer_syntax,
-            )
+            up = SpooledDataset(hdr, command, self.server.spool_dir, reply)
         except Exception:
-            up.discard()
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE command set")
             return
         if hdr.inline:
@@ -398,14 +541,9 @@ class TargetSession:
                 metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
                 await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
                 return
-            up.fh.write(rest)
-            up.digest.update(rest)
-            up.received = len(rest)
-            metrics.BYTES.labels(direction="received").inc(len(rest))
+            up.add(rest)
             await self._finish_store(up, hdr.digest)
             return
-        if hdr.op_id in self.uploads:
-            self.uploads.pop(hdr.op_id).discard()
         self.uploads[hdr.op_id] = up
 
     async def _on_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
@@ -414,22 +552,13 @@ class TargetSession:
             metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "chunk for unknown operation")
             return
-        reason = None
-        if hdr.seq != up.next_seq or hdr.offset != up.received:
-            reason = "out_of_order"
-        elif up.received + len(body) > up.header.dataset_length or len(body) > envelope.MAX_CHUNK:
-            reason = "oversized"
-        if reason is not None:
-            metrics.WIRE_REJECTED.labels(reason=reason).inc()
-            LOG.warning("chunk rejected", extra={**self.log_extra, "why": reason})
-            self.uploads.pop(hdr.op_id).discard()
-            await self._reply_error(up.reply, hdr.op_id, "protocol", f"chunk {reason}")
+        why = up.add_chunk(hdr, body)
+        if why is not None:
+            metrics.WIRE_REJECTED.labels(reason=why).inc()
+            LOG.warning("chunk rejected", extra={**self.log_extra, "why": why})
+            self.uploads.pop(hdr.op_id, None)
+            await self._reply_error(up.reply, hdr.op_id, "protocol", f"chunk {why}")
             return
-        up.fh.write(body)
-        up.digest.update(body)
-        up.received += len(body)
-        up.next_seq += 1
-        metrics.BYTES.labels(direction="received").inc(len(body))
         if hdr.final:
             self.uploads.pop(hdr.op_id)
             await self._finish_store(up, hdr.digest)
@@ -438,13 +567,11 @@ class TargetSession:
                 reply, envelope.encode(AckHeader(op_id=hdr.op_id, seq=hdr.seq))
             )
 
-    async def _finish_store(self, up: _Upload, digest: str | None) -> None:
-        up.fh.close()
-        if up.received != up.header.dataset_length or digest != up.digest.hexdigest():
-            why = "length_mismatch" if up.received != up.header.dataset_length else "bad_digest"
+    async def _finish_store(self, up: SpooledDataset, digest: str | None) -> None:
+        why = up.finish(digest)
+        if why is not None:
             metrics.WIRE_REJECTED.labels(reason=why).inc()
-            up.discard()
-            await self._reply_error(up.reply, up.header.op_id, "protocol", f"dataset {why}")
+            await self._reply_error(up.reply, up.request.op_id, "protocol", f"dataset {why}")
             return
 
         def store() -> Dataset:
@@ -453,7 +580,7 @@ class TargetSession:
             finally:
                 up.discard()
 
-        await self._run_and_reply(up.header, up.reply, store)
+        await self._run_and_reply(up.request, up.reply, store)
 
     async def _run_and_reply(self, hdr: RequestHeader, reply: str, func: Any) -> None:
         """Run one DIMSE operation on the session thread; publish its response when done."""

@@ -1,0 +1,262 @@
+"""C-FIND, C-MOVE and C-GET through the relay against Orthanc (a real PACS): the move
+destination lives on the SCU's side, the instances arrive there byte-identical to a direct
+retrieve, sub-operation counts and final statuses are relayed, unknown destinations 0xA801."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from tests.harness import LOOPBACK
+from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.dicom import DcmtkStoreSCP, dataset_bytes
+from tests.harness.nats import NatsServer
+from tests.harness.orthanc import Orthanc
+from tests.harness.pki import TestPKI
+from tests.harness.ports import free_port
+
+CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+MR = Path(pydicom.data.get_testdata_file("MR_small.dcm"))
+STUDY_SIZE = 20
+
+
+@dataclass
+class RetrieveRig:
+    pacs: Orthanc
+    relay_dest: DcmtkStoreSCP  # the move destination on the SCU's side, through the relay
+    direct_dest: DcmtkStoreSCP  # the same destination AE for direct moves from Orthanc
+    edge: AgentProcess
+    cloud: AgentProcess
+    port: int
+    study_uid: str
+    sent: dict[str, bytes]  # SOP Instance UID -> dataset bytes uploaded
+
+
+@pytest.fixture(scope="module")
+def rig(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, nats_server: NatsServer
+) -> Iterator[RetrieveRig]:
+    work = tmp_path_factory.mktemp("retrieve")
+    relay_dest = DcmtkStoreSCP(work / "relay_dest", "DESTSCP").start()
+    direct_dest = DcmtkStoreSCP(work / "direct_dest", "DESTSCP").start()
+    pacs = Orthanc(
+        work / "orthanc", modalities={"dest": ["DESTSCP", "127.0.0.1", direct_dest.port]}
+    ).start()
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    sent = {}
+    src = pydicom.dcmread(CT)
+    for i in range(STUDY_SIZE):
+        src.StudyInstanceUID = study_uid
+        src.SeriesInstanceUID = series_uid
+        src.SOPInstanceUID = generate_uid()
+        src.InstanceNumber = i + 1
+        src.PatientID = "RELAY-42"
+        src.PatientName = "Relay^Test"
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        f = work / f"ct{i}.dcm"
+        src.save_as(f)
+        pacs.upload(f)
+        sent[str(src.SOPInstanceUID)] = dataset_bytes(f)
+    pacs.upload(MR)
+    cloud = AgentProcess(
+        "cloud",
+        work / "cloud",
+        {
+            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
+            "targets": [
+                {
+                    "ae_title": "PACS",
+                    "host": LOOPBACK,
+                    "port": pacs.port,
+                    "called_ae_title": "ORTHANC",
+                }
+            ],
+        },
+    ).start()
+    port = free_port()
+    edge = AgentProcess(
+        "edge",
+        work / "edge",
+        {
+            "nats": nats_section(nats_server.url, pki, pki.client("edge")),
+            "listeners": [{"ae_title": "PACS", "bind": LOOPBACK, "port": port}],
+            "move_destinations": {"DESTSCP": {"host": LOOPBACK, "port": relay_dest.port}},
+        },
+    ).start()
+    yield RetrieveRig(pacs, relay_dest, direct_dest, edge, cloud, port, study_uid, sent)
+    edge.stop()
+    cloud.stop()
+    pacs.stop()
+    relay_dest.stop()
+    direct_dest.stop()
+
+
+def study_identifier(study_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def move(
+    port: int, called: str, destination: str, identifier: Dataset, model: str = ""
+) -> list[Dataset]:
+    ae = AE(ae_title="WORKSTATION")
+    model = model or StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate(LOOPBACK, port, ae_title=called)
+    assert assoc.is_established
+    try:
+        return [status for status, _ in assoc.send_c_move(identifier, destination, model)]
+    finally:
+        assoc.release()
+
+
+def test_find_against_orthanc(rig: RetrieveRig) -> None:
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(LOOPBACK, rig.port, ae_title="PACS")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = rig.study_uid
+    query.SeriesInstanceUID = ""
+    query.SOPInstanceUID = ""
+    results = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    pending = [ident for status, ident in results if status.Status == 0xFF00]
+    assert results[-1][0].Status == 0x0000
+    assert sorted(str(i.SOPInstanceUID) for i in pending) == sorted(rig.sent)
+
+
+def test_move_delivers_to_destination_on_the_scu_side(rig: RetrieveRig) -> None:
+    rig.direct_dest.clear()
+    direct = move(rig.pacs.port, "ORTHANC", "DESTSCP", study_identifier(rig.study_uid))
+    assert direct[-1].Status == 0x0000
+    expected = {f.name: dataset_bytes(f) for f in rig.direct_dest.files()}
+    assert len(expected) == STUDY_SIZE
+
+    rig.relay_dest.clear()
+    statuses = move(rig.port, "PACS", "DESTSCP", study_identifier(rig.study_uid))
+    final = statuses[-1]
+    assert final.Status == 0x0000
+    assert final.NumberOfCompletedSuboperations == STUDY_SIZE
+    assert final.NumberOfFailedSuboperations == 0
+    assert final.NumberOfWarningSuboperations == 0
+    pending = [s for s in statuses if s.Status == 0xFF00]
+    assert pending and pending[0].NumberOfRemainingSuboperations == STUDY_SIZE - 1
+    got = {f.name: dataset_bytes(f) for f in rig.relay_dest.files()}
+    assert got == expected
+    assert sorted(name.split(".", 1)[1] for name in got) == sorted(rig.sent)
+
+
+def test_move_to_unknown_destination_is_a801(rig: RetrieveRig) -> None:
+    statuses = move(rig.port, "PACS", "NOWHERE", study_identifier(rig.study_uid))
+    assert [s.Status for s in statuses] == [0xA801]
+
+
+def test_move_with_dcmtk_movescu(rig: RetrieveRig) -> None:
+    import subprocess
+
+    from tests.harness.dicom import DCMTK_ENV
+
+    rig.relay_dest.clear()
+    proc = subprocess.run(
+        [
+            "/usr/bin/movescu",
+            "-v",
+            "-S",
+            "-aet",
+            "DCMTKMOVE",
+            "-aec",
+            "PACS",
+            "-aem",
+            "DESTSCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={rig.study_uid}",
+            LOOPBACK,
+            str(rig.port),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Received Final Move Response (Success)" in out, out[-3000:]
+    assert len(rig.relay_dest.files()) == STUDY_SIZE
+
+
+def test_move_of_nothing_and_patient_root(rig: RetrieveRig) -> None:
+    """A study the PACS does not have: the SCU gets what the PACS answers directly (Orthanc
+    refuses such a move with a failure status); a Patient Root move works like Study Root."""
+    none = study_identifier(generate_uid())
+    direct = move(rig.pacs.port, "ORTHANC", "DESTSCP", none)
+    statuses = move(rig.port, "PACS", "DESTSCP", none)
+    assert [s.Status for s in statuses][-1:] == [s.Status for s in direct][-1:]
+    assert statuses[-1].get("NumberOfCompletedSuboperations", 0) == 0
+    patient = Dataset()
+    patient.QueryRetrieveLevel = "PATIENT"
+    patient.PatientID = "RELAY-42"
+    rig.relay_dest.clear()
+    statuses = move(
+        rig.port, "PACS", "DESTSCP", patient, PatientRootQueryRetrieveInformationModelMove
+    )
+    assert statuses[-1].Status == 0x0000
+    assert len(rig.relay_dest.files()) == STUDY_SIZE
+
+
+def get(port: int, called: str, identifier: Dataset) -> tuple[list[Dataset], dict[str, bytes]]:
+    received: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = bytes(
+            event.request.DataSet.getvalue()
+        )
+        return 0x0000
+
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for cx in StoragePresentationContexts[:120]:
+        ae.add_requested_context(cx.abstract_syntax)
+        roles.append(build_role(cx.abstract_syntax, scp_role=True))
+    assoc = ae.associate(
+        LOOPBACK, port, ae_title=called, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert assoc.is_established
+    try:
+        statuses = [
+            s for s, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        ]
+    finally:
+        assoc.release()
+    return statuses, received
+
+
+def test_get_returns_instances_on_the_callers_association(rig: RetrieveRig) -> None:
+    direct_statuses, direct = get(rig.pacs.port, "ORTHANC", study_identifier(rig.study_uid))
+    assert direct_statuses[-1].Status == 0x0000
+    assert len(direct) == STUDY_SIZE
+    statuses, received = get(rig.port, "PACS", study_identifier(rig.study_uid))
+    final = statuses[-1]
+    assert final.Status == 0x0000
+    assert final.NumberOfCompletedSuboperations == STUDY_SIZE
+    assert received == direct
