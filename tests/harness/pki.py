@@ -34,6 +34,7 @@ class TestPKI:
     clients: dict[str, CertFiles]
     rogue_ca: Path
     rogue_client: CertFiles
+    ca_key: Path | None = None  # the CA's private key, for issue_cert (tests only)
 
     def client(self, name: str) -> CertFiles:
         return self.clients[name]
@@ -102,7 +103,13 @@ def _issue(
     cn: str,
     *,
     server: bool,
+    client: bool | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A leaf certificate: serverAuth (with loopback SANs) if ``server``, clientAuth if
+    ``client`` (default: not ``server``); both for a NATS route certificate."""
+    if client is None:
+        client = not server
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     builder = (
@@ -129,9 +136,7 @@ def _issue(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage(usages),
             critical=False,
         )
         .add_extension(
@@ -159,6 +164,8 @@ def make_pki(
     ca_key, ca_cert = _make_ca("dimse-relay test CA")
     ca_path = directory / "ca.pem"
     _write_cert(ca_path, ca_cert)
+    ca_key_path = directory / "ca-key.pem"
+    _write_key(ca_key_path, ca_key)
 
     def issue(cn: str, server: bool, key_ca=ca_key, cert_ca=ca_cert) -> CertFiles:
         key, cert = _issue(key_ca, cert_ca, cn, server=server)
@@ -174,4 +181,19 @@ def make_pki(
     rogue_ca = directory / "rogue-ca.pem"
     _write_cert(rogue_ca, rogue_cert)
     rogue_client = issue("rogue-client", False, rogue_key, rogue_cert)
-    return TestPKI(directory, ca_path, server, clients, rogue_ca, rogue_client)
+    return TestPKI(directory, ca_path, server, clients, rogue_ca, rogue_client, ca_key_path)
+
+
+def issue_cert(pki: TestPKI, cn: str, *, server: bool, client: bool) -> CertFiles:
+    """One more certificate from the test CA, e.g. a NATS route certificate (serverAuth and
+    clientAuth, SANs localhost and 127.0.0.1), written next to the others."""
+    if pki.ca_key is None:
+        raise ValueError("this TestPKI was made without its CA key")
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    key, cert = _issue(ca_key, ca_cert, cn, server=server, client=client)
+    files = CertFiles(pki.directory / f"{cn}.pem", pki.directory / f"{cn}-key.pem")
+    _write_cert(files.cert, cert)
+    _write_key(files.key, key)
+    return files
