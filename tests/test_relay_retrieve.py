@@ -93,7 +93,15 @@ def rig(
         work / "edge",
         {
             "nats": nats_section(nats_server.url, pki, pki.client("edge")),
-            "listeners": [{"ae_title": "PACS", "bind": LOOPBACK, "port": port}],
+            "listeners": [
+                {"ae_title": "PACS", "bind": LOOPBACK, "port": port},
+                {
+                    "ae_title": "NOPACS",
+                    "bind": LOOPBACK,
+                    "port": port,
+                    "timeouts": {"open_s": 2, "request_s": 3},
+                },
+            ],
             "move_destinations": {"DESTSCP": {"host": LOOPBACK, "port": relay_dest.port}},
         },
     ).start()
@@ -260,3 +268,12 @@ def test_get_returns_instances_on_the_callers_association(rig: RetrieveRig) -> N
     assert final.Status == 0x0000
     assert final.NumberOfCompletedSuboperations == STUDY_SIZE
     assert received == direct
+
+
+def test_retrieve_with_no_far_side_is_refused_out_of_resources(rig: RetrieveRig) -> None:
+    """No agent serves the called AE title: C-MOVE gets 0xA702 (unable to perform
+    sub-operations) and nothing reaches the destination."""
+    rig.relay_dest.clear()
+    statuses = move(rig.port, "NOPACS", "DESTSCP", study_identifier(rig.study_uid))
+    assert statuses[-1].Status == 0xA702
+    assert rig.relay_dest.files() == []

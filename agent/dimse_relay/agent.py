@@ -128,5 +128,5 @@ class Agent:
 
 def run(cfg: AgentConfig) -> None:
     setup_logging(cfg.logging.level, cfg.logging.format, cfg.name)
-    configure_pynetdicom(cfg.logging.log_identifiers)
+    configure_pynetdicom(cfg.logging.log_identifiers, cfg.dimse_poll_interval_s)
     Agent(cfg).run_forever()

@@ -20,7 +20,8 @@ def _load(path: str) -> object:
     except ConfigError as exc:
         for line in exc.errors:
             # Errors that carry their own file:line location are printed as they are.
-            print(line if line.startswith(path) else f"{path}: {line}", file=sys.stderr)
+            own = line.startswith((path, str(Path(path))))
+            print(line if own else f"{path}: {line}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 

@@ -201,6 +201,10 @@ class AgentConfig(_Strict):
     # AE table for C-MOVE: destination AE title -> address. A C-MOVE to a listener whose
     # destination is not here is refused with 0xA801 (Move Destination unknown).
     move_destinations: dict[str, MoveDestination] = Field(default_factory=dict)
+    # How long pynetdicom's per-association threads sleep between polls of their queues.
+    # Every relayed DIMSE message crosses several such loops: shorter is faster, at the cost
+    # of more wake-ups per open association.
+    dimse_poll_interval_s: float = Field(default=0.0002, ge=0.00005, le=0.01)
 
     @field_validator("move_destinations")
     @classmethod

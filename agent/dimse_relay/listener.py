@@ -156,7 +156,7 @@ class Retrieved:
             failure = self.failure
             if failure is None and self.final is None:
                 failure = Dataset()
-                failure.Status = statuses.QR_OUT_OF_RESOURCES
+                failure.Status = statuses.RETRIEVE_OUT_OF_RESOURCES
             if failure is not None:
                 yield 1
                 yield failure, None

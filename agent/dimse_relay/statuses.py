@@ -17,8 +17,10 @@ STORE_OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
 # "SOP Class not supported": the far target did not accept the presentation context.
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-# C-FIND / C-GET / C-MOVE "Refused: Out of Resources - Unable to calculate number of matches".
-QR_OUT_OF_RESOURCES = 0xA700
+# C-FIND "Refused: Out of Resources" (PS3.4 C.4.1.1.4).
+FIND_OUT_OF_RESOURCES = 0xA700
+# C-GET / C-MOVE "Refused: Out of Resources - Unable to perform sub-operations" (C.4.2.1.5).
+RETRIEVE_OUT_OF_RESOURCES = 0xA702
 # C-MOVE "Refused: Move Destination unknown".
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
@@ -35,8 +37,10 @@ class RelayFailure:
             return PROCESSING_FAILURE
         if service == "C-STORE":
             return STORE_OUT_OF_RESOURCES
-        if service in ("C-FIND", "C-GET", "C-MOVE"):
-            return QR_OUT_OF_RESOURCES
+        if service == "C-FIND":
+            return FIND_OUT_OF_RESOURCES
+        if service in ("C-GET", "C-MOVE"):
+            return RETRIEVE_OUT_OF_RESOURCES
         return PROCESSING_FAILURE
 
 

@@ -34,6 +34,7 @@ from pynetdicom import (
     build_role,
     evt,
 )
+from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
@@ -139,7 +140,7 @@ class TargetSession:
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
-            max_pdu=self.cfg.max_pdu,
+            max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
             evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if assoc.is_established:
@@ -352,7 +353,7 @@ class TargetSession:
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=roles,
-            max_pdu=self.cfg.max_pdu,
+            max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
             evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if not retrieve_assoc.is_established:
@@ -410,6 +411,7 @@ class TargetSession:
         try:
             status = future.result(self.cfg.timeouts.dimse_s)
         except Exception as exc:
+            future.cancel()  # stop publishing chunks nobody will acknowledge
             LOG.warning(
                 "retrieved instance not relayed",
                 extra={**self.log_extra, "error": type(exc).__name__},
@@ -464,7 +466,9 @@ class TargetSession:
                     final = code not in (0xFF00, 0xFF01)
                     raw_status = encode_command(status)
                     raw = b""
-                    if dataset is not None and not final:
+                    # Pending C-FIND matches, and the Failed SOP Instance UID List that may
+                    # come with a final C-GET/C-MOVE response.
+                    if dataset is not None:
                         raw = encode_dataset(dataset, hdr.transfer_syntax)
                     out = ResponseHeader(
                         op_id=hdr.op_id,

@@ -194,6 +194,8 @@ class NatsTransport:
                     await self.nc.close()
                     self.submit(self._connect_forever())
                     return
+            # nats-py subscribes again after a reconnect; a refusal would be reported anew.
+            self.refused_subjects.clear()
             metrics.NATS_CONNECTED.set(1)
             metrics.NATS_RECONNECTS.inc()
             LOG.info("NATS reconnected", extra={"server": self.server_url})
