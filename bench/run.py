@@ -1,6 +1,8 @@
 """dimse-relay benchmark: the same DCMTK/pynetdicom SCU and the same DCMTK storescp, direct
 and through the relay (edge agent -> TLS nats-server with client certificates -> cloud agent
--> storescp), side by side in one run.
+-> storescp), side by side in one run. C-FIND and C-MOVE the same way against Orthanc (a real
+PACS, loaded over REST before any clock starts): direct to Orthanc, and through fresh agents
+whose cloud target is Orthanc and whose edge maps the move destination to a storescp.
 
     .venv/bin/python bench/run.py [--quick] [--strict] [--keep]
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,22 +38,30 @@ from tests.harness.agents import AgentProcess, nats_section  # noqa: E402
 from tests.harness.dicom import (  # noqa: E402
     DcmtkStoreSCP,
     ScuResult,
+    dataset_bytes,
     make_large_instance,
     storescu,
 )
 from tests.harness.nats import NatsServer  # noqa: E402
+from tests.harness.orthanc import Orthanc  # noqa: E402
 from tests.harness.pki import TestPKI, make_pki  # noqa: E402
 from tests.harness.ports import free_port  # noqa: E402
 from workload import (  # noqa: E402
     BenchFailure,
     PhaseMonitor,
+    c_find,
+    c_get_seconds,
+    c_move,
     check_small_stored,
     dataset_digest,
     echo_series,
+    find_studies,
     median,
+    move_study,
     nats_rtt,
     percentile,
     small_instances,
+    upload,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,8 +71,25 @@ MIB = 1024 * 1024
 MB = 1_000_000
 REPEATS = 3  # small and large C-STORE runs each way; the table has the median
 
-FULL = {"small_count": 300, "large_mib": 256, "rss_mib": 2048, "echo_count": 200}
-QUICK = {"small_count": 50, "large_mib": 32, "rss_mib": 256, "echo_count": 100}
+FULL = {
+    "small_count": 300,
+    "large_mib": 256,
+    "rss_mib": 2048,
+    "echo_count": 200,
+    "find_matches": 1000,
+    "move_count": 100,
+}
+QUICK = {
+    "small_count": 50,
+    "large_mib": 32,
+    "rss_mib": 256,
+    "echo_count": 100,
+    "find_matches": 200,
+    "move_count": 20,
+}
+PACS_AET = "PACS"  # the edge listener's AE title for Orthanc
+ORTHANC_AET = "ORTHANC"
+DEST_AET = "DESTSCP"  # the C-MOVE destination, direct (Orthanc's table) and relayed (edge's)
 
 
 @dataclass
@@ -73,6 +101,20 @@ class Row:
     ratio: float | None  # relay / direct
     target: str
     ok: bool | None  # None: no target, informational
+
+
+@contextlib.contextmanager
+def nodelay_env() -> Iterator[None]:
+    """TCP_NODELAY=1 in the environment of processes started inside (DCMTK reads it)."""
+    old = os.environ.get("TCP_NODELAY")
+    os.environ["TCP_NODELAY"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TCP_NODELAY"]
+        else:
+            os.environ["TCP_NODELAY"] = old
 
 
 def log(msg: str) -> None:
@@ -91,6 +133,7 @@ class Bench:
         self.rows: list[Row] = []
         self.extra: dict[str, Any] = {}
         self.analysis: dict[str, Any] = {}
+        self.pacs: Orthanc | None = None
         self.extra["analysis"] = self.analysis
 
     # --- set-up -------------------------------------------------------------------------
@@ -103,11 +146,17 @@ class Bench:
         self.scp = DcmtkStoreSCP(self.work / "scp", SCP_AET).start()
         self.stack.callback(self.scp.stop)
 
-    def start_relay(self, tag: str) -> int:
-        """A cloud agent with storescp as its target and an edge agent listening for the same
-        AE title, as in tests/conftest.py; the edge listener's port."""
+    def start_relay(
+        self,
+        tag: str,
+        target: dict[str, Any] | None = None,
+        edge_extra: dict[str, Any] | None = None,
+    ) -> int:
+        """A cloud agent with storescp (or ``target``) as its target and an edge agent
+        listening for the same AE title, as in tests/conftest.py; the edge listener's port."""
         assert self.pki and self.nats and self.scp
-        target = {"ae_title": SCP_AET, "host": "127.0.0.1", "port": self.scp.port}
+        if target is None:
+            target = {"ae_title": SCP_AET, "host": "127.0.0.1", "port": self.scp.port}
         cloud = AgentProcess(
             f"cloud-{tag}",
             self.work / f"cloud-{tag}",
@@ -125,7 +174,8 @@ class Bench:
             self.work / f"edge-{tag}",
             {
                 "nats": nats_section(self.nats.url, self.pki, self.pki.client("edge")),
-                "listeners": [{"ae_title": SCP_AET, "bind": "127.0.0.1", "port": port}],
+                "listeners": [{"ae_title": target["ae_title"], "bind": "127.0.0.1", "port": port}],
+                **(edge_extra or {}),
             },
         )
         self.agents.append(edge)
@@ -417,6 +467,262 @@ class Bench:
                 )
             )
 
+    # --- query/retrieve against Orthanc ------------------------------------------------
+
+    def bench_qr(self) -> None:
+        """C-FIND and C-MOVE against Orthanc (a real PACS, loaded over REST before the
+        clock starts), direct and through fresh agents whose cloud target is Orthanc."""
+        n_find, n_move = self.params["find_matches"], self.params["move_count"]
+        # The C-MOVE destination on the SCU's side: one storescp for Orthanc's own moves,
+        # one for the edge agent's move_destinations, both with the same AE title.
+        direct_dest = DcmtkStoreSCP(self.work / "dest-direct", DEST_AET).start()
+        self.stack.callback(direct_dest.stop)
+        relay_dest = DcmtkStoreSCP(self.work / "dest-relay", DEST_AET).start()
+        self.stack.callback(relay_dest.stop)
+        pacs = Orthanc(
+            self.work / "orthanc",
+            ORTHANC_AET,
+            modalities={"dest": [DEST_AET, "127.0.0.1", direct_dest.port]},
+        )
+        # Orthanc's DICOM side is DCMTK's: like storescp, Nagle off (TCP_NODELAY=1), or every
+        # C-STORE it sends (direct C-MOVE, and the cloud agent's C-GET) waits ~40 ms for an ACK.
+        with nodelay_env():
+            pacs.start()
+        self.stack.callback(pacs.stop)
+        self.pacs = pacs
+        started = time.monotonic()
+        studies = find_studies(n_find)
+        study_uid, instances = move_study(n_move)
+        generated = time.monotonic() - started
+        started = time.monotonic()
+        upload(pacs.rest, [*studies.values(), *instances.values()])
+        uploaded = time.monotonic() - started
+        count = len(studies) + len(instances)
+        log(
+            f"orthanc: {count} instances generated in {generated:.1f} s, uploaded over REST "
+            f"(4 threads) in {uploaded:.1f} s ({count / uploaded:.0f}/s), not benchmarked"
+        )
+        self.extra["orthanc_load"] = {
+            "instances": count,
+            "generate_s": round(generated, 2),
+            "upload_s": round(uploaded, 2),
+        }
+        port = self.start_relay(
+            "qr",
+            target={
+                "ae_title": PACS_AET,
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "called_ae_title": ORTHANC_AET,
+            },
+            edge_extra={
+                "move_destinations": {DEST_AET: {"host": "127.0.0.1", "port": relay_dest.port}}
+            },
+        )
+        self.bench_find(pacs, port, set(studies))
+        self.bench_move(pacs, port, study_uid, set(instances), direct_dest, relay_dest)
+        self.stop_relay()
+        pacs.stop()
+        direct_dest.stop()
+        relay_dest.stop()
+
+    def find_checked(
+        self, port: int, aet: str, uids: set[str], label: str, reference: dict[str, Any] | None
+    ) -> tuple[float, float, dict[str, Any]]:
+        """One C-FIND: final Success, every study exactly once, and (with ``reference``, what
+        the direct C-FIND returned) every identifier equal to the direct one."""
+        elapsed, first, final, found = c_find(port, aet)
+        if final != 0x0000:
+            raise BenchFailure(f"{label}: final status 0x{final:04X}")
+        if found.keys() != uids:
+            raise BenchFailure(
+                f"{label}: {len(found)} matches, {len(found.keys() & uids)} of the "
+                f"{len(uids)} studies"
+            )
+        if reference is not None:
+            bad = [uid for uid, ds in found.items() if ds != reference[uid]]
+            if bad:
+                raise BenchFailure(f"{label}: {len(bad)} identifiers differ from the direct ones")
+        return elapsed, first, found
+
+    def bench_find(self, pacs: Orthanc, port: int, uids: set[str]) -> None:
+        n = len(uids)
+        log(f"find: Study Root C-FIND matching {n} studies in Orthanc, pynetdicom SCU")
+        modes = (("direct", pacs.port, ORTHANC_AET), ("relay", port, PACS_AET))
+        _, _, reference = self.find_checked(pacs.port, ORTHANC_AET, uids, "find warm-up", None)
+        self.find_checked(port, PACS_AET, uids, "find warm-up relay", reference)
+        runs: dict[str, list[float]] = {"direct": [], "relay": []}
+        firsts: dict[str, list[float]] = {"direct": [], "relay": []}
+        for rnd in range(REPEATS):
+            for mode, p, aet in modes:
+                label = f"find {mode} #{rnd + 1}"
+                elapsed, first, _ = self.find_checked(p, aet, uids, label, reference)
+                runs[mode].append(elapsed)
+                firsts[mode].append(first)
+                log(
+                    f"  {mode} #{rnd + 1}: {elapsed:.3f} s, {n / elapsed:.0f} matches/s, "
+                    f"first match after {first * 1e3:.1f} ms"
+                )
+        secs = {mode: median(v) for mode, v in runs.items()}
+        first = {mode: median(v) for mode, v in firsts.items()}
+        rates = {mode: n / s for mode, s in secs.items()}
+        self.analysis["find_runs_s"] = runs
+        self.analysis["find_first_match_s"] = firsts
+        per = {mode: s / n * 1e6 for mode, s in secs.items()}
+        self.analysis["find_us_per_match"] = per
+        log(
+            f"  per match: direct {per['direct']:.0f} us, relay {per['relay']:.0f} us "
+            f"(+{per['relay'] - per['direct']:.0f} us: edge pynetdicom SCP + NATS message + "
+            "cloud agent pynetdicom SCU)"
+        )
+        ratio = rates["relay"] / rates["direct"]
+        self.rows.append(
+            Row(
+                f"C-FIND {n} matches (Orthanc), med/3",
+                "matches/s",
+                rates["direct"],
+                rates["relay"],
+                ratio,
+                "relay >= 25% of direct",
+                ratio >= 0.25,
+            )
+        )
+        self.rows.append(
+            Row(
+                f"C-FIND {n} matches, request to final",
+                "s",
+                secs["direct"],
+                secs["relay"],
+                secs["relay"] / secs["direct"],
+                "-",
+                None,
+            )
+        )
+        self.rows.append(
+            Row(
+                f"C-FIND {n} matches, to first match",
+                "ms",
+                first["direct"] * 1e3,
+                first["relay"] * 1e3,
+                first["relay"] / first["direct"],
+                "-",
+                None,
+            )
+        )
+
+    def move_checked(
+        self,
+        port: int,
+        aet: str,
+        dest: DcmtkStoreSCP,
+        study_uid: str,
+        sop_uids: set[str],
+        label: str,
+        reference: dict[str, bytes] | None,
+    ) -> tuple[float, dict[str, bytes]]:
+        """One C-MOVE of the study: final Success with every sub-operation completed (where
+        the SCP says), every instance stored at the destination once, and (with
+        ``reference``, what the first direct C-MOVE stored) the same dataset bytes. ``dest``
+        must be empty."""
+        n = len(sop_uids)
+        elapsed, final = c_move(port, aet, DEST_AET, study_uid)
+        status = int(final.Status)
+        counts = {
+            k: final.get(f"Number{k}Suboperations")
+            for k in ("OfCompleted", "OfFailed", "OfWarning")
+        }
+        want = {"OfCompleted": n, "OfFailed": 0, "OfWarning": 0}
+        wrong = {k: v for k, v in counts.items() if v is not None and int(v) != want[k]}
+        if status != 0x0000 or wrong:
+            raise BenchFailure(f"{label}: final status 0x{status:04X}, sub-operations {counts}")
+        deadline = time.monotonic() + 10
+        while len(dest.files()) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got = {f.name: dataset_bytes(f) for f in dest.files()}
+        # storescp names files <modality>.<SOP Instance UID>
+        if {name.split(".", 1)[1] for name in got} != sop_uids or len(got) != n:
+            raise BenchFailure(f"{label}: {len(got)} files stored, not the study's {n}")
+        if reference is not None:
+            bad = [name for name, data in got.items() if reference.get(name) != data]
+            if bad:
+                raise BenchFailure(f"{label}: {len(bad)} datasets differ from the direct move's")
+        return elapsed, got
+
+    def bench_move(
+        self,
+        pacs: Orthanc,
+        port: int,
+        study_uid: str,
+        sop_uids: set[str],
+        direct_dest: DcmtkStoreSCP,
+        relay_dest: DcmtkStoreSCP,
+    ) -> None:
+        n = len(sop_uids)
+        log(f"move: Study Root C-MOVE of a {n}-instance CT study from Orthanc to storescp")
+        # Also the far agent's leg on its own (and Orthanc's cache warmed for both ways).
+        get_s = c_get_seconds(pacs.port, ORTHANC_AET, study_uid, n)
+        log(f"  C-GET of the study from Orthanc, pynetdicom SCU: {get_s:.2f} s")
+        modes = (
+            ("direct", pacs.port, ORTHANC_AET, direct_dest),
+            ("relay", port, PACS_AET, relay_dest),
+        )
+        runs: dict[str, list[float]] = {"direct": [], "relay": []}
+        reference: dict[str, bytes] | None = None
+        phases = []
+        for rnd in range(REPEATS):
+            for mode, p, aet, dest in modes:
+                dest.clear()
+                mon = PhaseMonitor(
+                    {
+                        "edge_retrieved": Path(self.edge.config["work_dir"]) / "retrieved",
+                        "dest_stored": dest.out,
+                    }
+                )
+                with mon:
+                    elapsed, got = self.move_checked(
+                        p, aet, dest, study_uid, sop_uids, f"move {mode} #{rnd + 1}", reference
+                    )
+                reference = reference or got
+                runs[mode].append(n / elapsed)
+                s = mon.summary()
+                log(
+                    f"  {mode} #{rnd + 1}: {elapsed:.2f} s, {runs[mode][-1]:.1f} inst/s "
+                    f"(first file stored at {s['dest_stored']['first_byte_s'] or 0:.2f} s)"
+                )
+                if mode == "relay":
+                    phases.append(
+                        {
+                            "elapsed_s": elapsed,
+                            "far_retrieve_to_edge_spool_s": s["edge_retrieved"]["complete_s"],
+                            "dest_first_stored_s": s["dest_stored"]["first_byte_s"],
+                            "dest_all_stored_s": s["dest_stored"]["complete_s"],
+                            "monitor_s": mon.elapsed,
+                        }
+                    )
+        rates = {mode: median(v) for mode, v in runs.items()}
+        self.analysis["move_runs_inst_s"] = runs
+        self.analysis["move_relay_phases"] = phases
+        self.analysis["move_orthanc_c_get_s"] = get_s
+        last = phases[-1]
+        log(
+            "    relay (clock from before the association): far C-GET (Orthanc -> cloud agent "
+            f"-> NATS -> edge spool) done at {last['far_retrieve_to_edge_spool_s'] or 0:.2f} s, "
+            f"edge -> storescp {last['dest_first_stored_s'] or 0:.2f} -> "
+            f"{last['dest_all_stored_s'] or 0:.2f} s, SCU done at {last['monitor_s']:.2f} s"
+        )
+        ratio = rates["relay"] / rates["direct"]
+        self.rows.append(
+            Row(
+                f"C-MOVE {n}-inst study (Orthanc->storescp), med/3",
+                "inst/s",
+                rates["direct"],
+                rates["relay"],
+                ratio,
+                "relay >= 25% of direct",
+                ratio >= 0.25,
+            )
+        )
+
     def run(self) -> None:
         with self.stack:
             self.start_infra()
@@ -425,6 +731,7 @@ class Bench:
             self.bench_small(port)
             self.bench_large(port)
             self.stop_relay()
+            self.bench_qr()
             self.bench_rss()
 
     def log_tails(self) -> str:
@@ -432,6 +739,10 @@ class Bench:
         if self.scp is not None and self.scp.log_path.exists():
             tail = self.scp.log_path.read_text(errors="replace").splitlines()[-20:]
             parts.append("--- storescp ---\n" + "\n".join(tail))
+        pacs = self.pacs
+        if pacs is not None and (pacs.workdir / "orthanc.log").exists():
+            tail = (pacs.workdir / "orthanc.log").read_text(errors="replace").splitlines()[-20:]
+            parts.append("--- orthanc ---\n" + "\n".join(tail))
         return "\n".join(parts)
 
 
@@ -456,7 +767,7 @@ def table(rows: list[Row]) -> str:
             fmt(r.relay),
             "-"
             if r.ratio is None
-            else (f"{r.ratio:.1f}x" if r.unit == "ms" else fmt(r.ratio, "ratio")),
+            else (f"{r.ratio:.1f}x" if r.unit in ("ms", "s") else fmt(r.ratio, "ratio")),
             r.target,
             "-" if r.ok is None else ("yes" if r.ok else "NO"),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -221,3 +222,221 @@ def nats_rtt(url: str, ca: Path, cert: Path, key: Path, count: int) -> list[floa
     """Request/reply round trips between two nats-py clients over the TLS server: the floor
     of what one relayed DIMSE message costs on the NATS hop."""
     return asyncio.run(_nats_rtt(url, ca, cert, key, count))
+
+
+# --- query/retrieve against Orthanc --------------------------------------------------------
+
+FIND_PATIENT_ID = "FINDBENCH"
+MOVE_PATIENT_ID = "MOVEBENCH"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def find_studies(count: int) -> dict[str, bytes]:
+    """``count`` tiny Secondary Capture Part 10 files (8 x 8 pixels, under 1 KiB), each in a
+    study of its own, all of one patient: what the C-FIND benchmark finds. By Study
+    Instance UID."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    out = {}
+    for i in range(count):
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.PatientName = "Find^Bench"
+        ds.PatientID = FIND_PATIENT_ID
+        ds.StudyDate = "20260101"
+        ds.StudyTime = f"{i // 60 % 24:02d}{i % 60:02d}00"
+        ds.StudyDescription = f"bench study {i:04d}"
+        ds.AccessionNumber = f"FB{i:06d}"
+        ds.Modality = "OT"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = 8
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        ds.PixelData = bytes(range(64))
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out[str(ds.StudyInstanceUID)] = buf.getvalue()
+    return out
+
+
+def move_study(count: int) -> tuple[str, dict[str, bytes]]:
+    """One study (one series) of ``count`` copies of pydicom's CT_small.dcm; its Study
+    Instance UID and the Part 10 files by SOP Instance UID."""
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    src.StudyInstanceUID = generate_uid()
+    src.SeriesInstanceUID = generate_uid()
+    src.PatientID = MOVE_PATIENT_ID
+    src.PatientName = "Move^Bench"
+    out = {}
+    for i in range(count):
+        src.SOPInstanceUID = generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        src.InstanceNumber = i + 1
+        buf = io.BytesIO()
+        src.save_as(buf)
+        out[str(src.SOPInstanceUID)] = buf.getvalue()
+    return str(src.StudyInstanceUID), out
+
+
+def upload(post: Any, blobs: list[bytes], threads: int = 4) -> None:
+    """POST every Part 10 file to Orthanc's /instances, ``threads`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(blob: bytes) -> None:
+        rsp = post("POST", "/instances", blob)
+        if not isinstance(rsp, dict) or rsp.get("Status") not in ("Success", "AlreadyStored"):
+            raise BenchFailure(f"Orthanc upload: {rsp!r}")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, blobs))
+
+
+def _qr_association(port: int, called: str, model: str, **kwargs: Any) -> Any:
+    ae = AE(ae_title="BENCHSCU")
+    ae.add_requested_context(model)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate(
+        LOOPBACK, port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)], **kwargs
+    )
+    if not assoc.is_established:
+        raise BenchFailure(f"association to {called} on port {port} not established")
+    return assoc
+
+
+def find_studies_query() -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = FIND_PATIENT_ID
+    for keyword in (
+        "StudyInstanceUID",
+        "PatientName",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "AccessionNumber",
+    ):
+        setattr(ds, keyword, "")
+    return ds
+
+
+def c_find(port: int, called: str) -> tuple[float, float, int, dict[str, Any]]:
+    """One Study Root C-FIND for the benchmark patient's studies with a pynetdicom SCU (an
+    association already open, TCP_NODELAY on): the seconds from the request to the final
+    response, to the first pending one, the final status and the identifiers by Study
+    Instance UID."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    assoc = _qr_association(port, called, FIND)
+    found: dict[str, Any] = {}
+    first = None
+    final = None
+    try:
+        started = time.perf_counter()
+        for status, identifier in assoc.send_c_find(find_studies_query(), FIND):
+            code = int(status.Status) if "Status" in status else None
+            if code in (0xFF00, 0xFF01):
+                if first is None:
+                    first = time.perf_counter() - started
+                uid = str(identifier.StudyInstanceUID)
+                if uid in found:
+                    raise BenchFailure(f"C-FIND to {called}: study {uid} twice")
+                found[uid] = identifier
+            else:
+                final = code
+        elapsed = time.perf_counter() - started
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final is None:
+        raise BenchFailure(f"C-FIND to {called}: no final response")
+    return elapsed, first or elapsed, final, found
+
+
+def c_move(port: int, called: str, destination: str, study_uid: str) -> tuple[float, Any]:
+    """One Study Root C-MOVE of a study with a pynetdicom SCU: the seconds from the request
+    to the final response and the final response."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelMove as MOVE,
+    )
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    assoc = _qr_association(port, called, MOVE)
+    final = None
+    try:
+        started = time.perf_counter()
+        for status, _ in assoc.send_c_move(ds, destination, MOVE):
+            if "Status" in status and int(status.Status) not in (0xFF00, 0xFF01):
+                final = status
+        elapsed = time.perf_counter() - started
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final is None:
+        raise BenchFailure(f"C-MOVE via {called}: no final response")
+    return elapsed, final
+
+
+def c_get_seconds(port: int, called: str, study_uid: str, count: int) -> float:
+    """One Study Root C-GET of a study with a pynetdicom SCU storing nothing to disk: the
+    seconds to the final response (what the far agent's leg of a relayed C-MOVE costs at
+    least)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import StoragePresentationContexts, build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelGet as GET,
+    )
+
+    got: list[int] = []
+
+    def on_store(event: evt.Event) -> int:
+        got.append(len(event.request.DataSet.getvalue()))
+        return 0x0000
+
+    ct = [cx for cx in StoragePresentationContexts if cx.abstract_syntax == CT_IMAGE_STORAGE]
+    ae = AE(ae_title="BENCHSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    ae.add_requested_context(GET)
+    for cx in ct:
+        ae.add_requested_context(cx.abstract_syntax)
+    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in ct]
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    assoc = ae.associate(
+        LOOPBACK,
+        port,
+        ae_title=called,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_C_STORE, on_store)],
+    )
+    if not assoc.is_established:
+        raise BenchFailure(f"C-GET association to {called} not established")
+    final = None
+    try:
+        started = time.perf_counter()
+        for status, _ in assoc.send_c_get(ds, GET):
+            final = int(status.Status) if "Status" in status else None
+        elapsed = time.perf_counter() - started
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final != 0x0000 or len(got) != count:
+        raise BenchFailure(f"C-GET from {called}: final {final!r}, {len(got)} of {count}")
+    return elapsed
