@@ -13,12 +13,12 @@ help:
 bootstrap: ## install apt packages, the virtualenv and nats-server
 	bash scripts/bootstrap.sh
 
-test: bootstrap lint test-agent ## everything CI runs: lint, agent tests, lab tests
+test: bootstrap lint test-agent test-lab ## everything CI runs: lint, agent tests, lab tests
 
-test-agent: bootstrap ## agent tests against real nats-server, DCMTK and pynetdicom
-	$(PYTEST) tests --ignore=tests/lab
+test-agent: bootstrap ## agent tests against real nats-server, DCMTK, Orthanc and pynetdicom
+	$(PYTEST) tests
 
-lint: bootstrap ## ruff, mypy
+lint: bootstrap lint-ansible ## ruff, mypy, ansible-lint
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
 	$(VENV)/bin/mypy

@@ -45,15 +45,25 @@ def test_example_inventory_passes_preflight(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda s: s["stmarys"]["listeners"][0].update(ae_title="AI_ROUTER_WITH_A_LONG_NAME"),
-         "dimse_relay_sites.stmarys.listeners[0].ae_title: AE title 'AI_ROUTER_WITH_A_LONG_NAME'"
-         " is longer than 16 characters"),
-        (lambda s: s["riverside"]["targets"].append({"ae_title": "SMH_PACS", "host": "x", "port": 1}),
-         "AE title 'SMH_PACS' is already served by"),
-        (lambda s: s["cloud"]["listeners"][1].update(port=11112),
-         "dimse_relay_sites.cloud.listeners[1].port: port 11112 is already used"),
-        (lambda s: s.pop("riverside"),
-         "host relay.riverside.example.org: dimse_relay_site names a site missing"),
+        (
+            lambda s: s["stmarys"]["listeners"][0].update(ae_title="AI_ROUTER_WITH_A_LONG_NAME"),
+            "dimse_relay_sites.stmarys.listeners[0].ae_title: AE title 'AI_ROUTER_WITH_A_LONG_NAME'"
+            " is longer than 16 characters",
+        ),
+        (
+            lambda s: s["riverside"]["targets"].append(
+                {"ae_title": "SMH_PACS", "host": "x", "port": 1}
+            ),
+            "AE title 'SMH_PACS' is already served by",
+        ),
+        (
+            lambda s: s["cloud"]["listeners"][1].update(port=11112),
+            "dimse_relay_sites.cloud.listeners[1].port: port 11112 is already used",
+        ),
+        (
+            lambda s: s.pop("riverside"),
+            "host relay.riverside.example.org: dimse_relay_site names a site missing",
+        ),
     ],
 )
 def test_broken_inventory_fails_before_any_change(tmp_path: Path, change, message: str) -> None:

@@ -28,6 +28,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_ae
 
 from dimse_relay.envelope import ContextProposal, ContextResult
@@ -54,6 +55,7 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.001) 
     pynetdicom_association.time = _ShortSleepTime()  # type: ignore[attr-defined,assignment]
     # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
     DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
+    AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the
     # dataset bytes are passed on exactly as received (no decode/re-encode).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -83,17 +85,59 @@ class _ShortSleepTime:
         time.sleep(min(seconds, POLL_INTERVAL_S))
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    event.assoc.dul._run_loop_delay = POLL_INTERVAL_S
-    sock = getattr(event.assoc.dul.socket, "socket", None)
+def _socket_of(assoc: Any) -> socket.socket | None:
+    return getattr(assoc.dul.socket, "socket", None)
+
+
+def _on_conn_open(event: evt.Event) -> None:
+    assoc = event.assoc
+    assoc.dul._run_loop_delay = POLL_INTERVAL_S
+    sock = _socket_of(assoc)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # An accepted socket blocks forever by default: a peer that stops in the middle
+            # of a PDU would hold the association thread (and a slot) indefinitely. pynetdicom
+            # only reads once select() says data is there, so this bounds stalls, not idling.
+            sock.settimeout(assoc.acse_timeout or 30)
 
 
-# Bind to EVT_CONN_OPEN on every association: DIMSE over loopback or LAN without TCP_NODELAY
-# waits for Nagle's delayed ACK on every small PDU (~40-80 ms per message).
-NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
+def _on_established(event: evt.Event) -> None:
+    sock = _socket_of(event.assoc)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(event.assoc.network_timeout or None)
+
+
+# Bind these on every association: TCP_NODELAY (DIMSE over loopback or LAN without it waits
+# for Nagle's delayed ACK on every small PDU, ~40-80 ms per message), short pynetdicom polls,
+# and socket timeouts: acse_s until the association is up, network_s afterwards.
+NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _on_conn_open)
+ESTABLISHED_HANDLER = (evt.EVT_ESTABLISHED, _on_established)
+SOCKET_HANDLERS = [NODELAY_HANDLER, ESTABLISHED_HANDLER]
+
+# Longest PDU read before an association is established (an A-ASSOCIATE-RQ/AC is a few KiB);
+# after it, the local maximum PDU length, but never less than 4 MiB: some SCUs ignore the
+# negotiated maximum and pynetdicom has always accepted that. Unlimited (0) means 64 MiB.
+MAX_PDU_BEFORE_ASSOCIATION = 1 << 20
+MAX_PDU_TOLERATED = 4 << 20
+MAX_PDU_UNLIMITED = 64 << 20
+_original_recv = AssociationSocket.recv
+
+
+def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """pynetdicom reads a whole PDU into memory as announced by its length field: refuse a
+    PDU longer than the limits above instead of buffering whatever a peer announces."""
+    if nr_bytes > 6 and self._assoc is not None:
+        assoc = self._assoc
+        if not assoc.is_established:
+            limit = MAX_PDU_BEFORE_ASSOCIATION
+        else:
+            local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+            limit = max(local.maximum_length or MAX_PDU_UNLIMITED, MAX_PDU_TOLERATED)
+        if nr_bytes > limit:
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
+    return _original_recv(self, nr_bytes)
 
 
 def fallback_contexts() -> list[PresentationContext]:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from dimse_relay import envelope, metrics, statuses, subjects
 from dimse_relay.config import AgentConfig, ListenerConfig
 from dimse_relay.dicom import (
-    NODELAY_HANDLER,
+    SOCKET_HANDLERS,
     contexts_from_results,
     dataset_offset,
     decode_command,
@@ -198,6 +199,8 @@ class RelayedAssociation:
     session_subject: str | None = None
     op_counter: int = 0
     log_extra: dict[str, Any] = field(default_factory=dict)
+    assoc: Any = None  # the pynetdicom association (kept so its id() is not reused)
+    closed: bool = False  # the SCU's association ended (possibly while the OPEN was pending)
 
     def next_op(self) -> int:
         self.op_counter += 1
@@ -213,6 +216,8 @@ class ListenerServer:
         self.nats_cfg = agent_cfg.nats
         self.servers: list[Any] = []
         self._fallback = fallback_contexts()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self.retrieve_dir = agent_cfg.work_dir / "retrieved"
         self.retrieve_dir.mkdir(exist_ok=True, mode=0o700)
         self._relayed: dict[int, RelayedAssociation] = {}
@@ -235,7 +240,7 @@ class ListenerServer:
             ae.supported_contexts = self._fallback
             by_aet = {c.ae_title: c for c in lcfgs}
             handlers: list[Any] = [
-                NODELAY_HANDLER,
+                *SOCKET_HANDLERS,
                 (evt.EVT_REQUESTED, self._on_requested, [by_aet]),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
@@ -252,8 +257,12 @@ class ListenerServer:
                 "listener bound",
                 extra={"bind": bind, "port": port, "ae_titles": sorted(by_aet)},
             )
+        threading.Thread(
+            target=self._sweep_dead_associations, name="listener-sweeper", daemon=True
+        ).start()
 
     def stop(self) -> None:
+        self._stopping.set()
         for server in self.servers:
             server.shutdown()
         self.servers.clear()
@@ -291,7 +300,9 @@ class ListenerServer:
             proposals=proposals,
             log_extra=log_extra,
         )
-        self._relayed[id(assoc)] = relayed
+        relayed.assoc = assoc
+        with self._lock:
+            self._relayed[id(assoc)] = relayed
         try:
             result = self._open_far(relayed)
         except RelayError as exc:
@@ -303,17 +314,19 @@ class ListenerServer:
             assoc.acceptor.supported_contexts = self._fallback
             return
         if result.result == "accepted":
-            relayed.session_subject = result.session_subject
+            assert result.session_subject is not None  # checked by _open_far
+            if not self._attach_session(relayed, result.session_subject):
+                return
             assoc.acceptor.supported_contexts = contexts_from_results(result.accepted)
             metrics.ASSOCIATIONS.labels(role="listener", result="accepted").inc()
-            metrics.ACTIVE_SESSIONS.labels(role="listener").inc()
             LOG.info("association relayed", extra={**log_extra, "contexts": len(result.accepted)})
             return
         if result.result == "rejected":
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
             LOG.info("association rejected by the target", extra=log_extra)
             _reject(assoc, *_valid_reject(result))
-            self._relayed.pop(id(assoc), None)
+            with self._lock:
+                self._relayed.pop(id(assoc), None)
             return
         # The far agent answered but could not reach its SCP: accept locally, fail requests.
         LOG.warning("target SCP unreachable; accepting locally", extra=log_extra)
@@ -401,9 +414,32 @@ class ListenerServer:
                 if result.result == "failed"
                 else statuses.FAR_SIDE_UNAVAILABLE
             )
-        relayed.session_subject = result.session_subject
-        metrics.ACTIVE_SESSIONS.labels(role="listener").inc()
-        return relayed.session_subject
+        if not self._attach_session(relayed, result.session_subject):
+            raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, "association closed")
+        return result.session_subject
+
+    def _attach_session(self, relayed: RelayedAssociation, subject: str) -> bool:
+        """Record the far session; if the SCU's association ended while the OPEN was in
+        flight (pynetdicom keeps reading meanwhile), close the far session right away."""
+        with self._lock:
+            if not relayed.closed:
+                relayed.session_subject = subject
+                metrics.ACTIVE_SESSIONS.labels(role="listener").inc()
+                return True
+        LOG.info("association ended while being relayed", extra=relayed.log_extra)
+        self._send_close(subject, "abort")
+        return False
+
+    def _send_close(self, subject: str, mode: str) -> None:
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await self.transport.publish(
+                    subject,
+                    envelope.encode(CloseHeader(mode=mode)),  # type: ignore[arg-type]
+                )
+
+        with contextlib.suppress(Exception):
+            self.transport.submit(close())
 
     # -- DIMSE services ---------------------------------------------------------------------
     def _failure_status(self, service: str, failure: RelayFailure) -> Dataset:
@@ -570,7 +606,13 @@ class ListenerServer:
             return
         command, raw = _split_request(req, C_MOVE_RQ())
         retrieved = self._retrieve(event, "C-MOVE", command, raw)
-        yield destination.host, destination.port, {"contexts": retrieved.contexts()}
+        # pynetdicom opens the destination association itself: give it our socket handlers
+        # (TCP_NODELAY, timeouts) too, or every sub-operation waits for Nagle's delayed ACK.
+        yield (
+            destination.host,
+            destination.port,
+            {"contexts": retrieved.contexts(), "evt_handlers": SOCKET_HANDLERS},
+        )
         yield from retrieved.suboperations()
 
     def _log_extra(self, event: evt.Event) -> dict[str, Any]:
@@ -805,19 +847,27 @@ class ListenerServer:
             )
 
     def _on_closed(self, event: evt.Event, mode: str) -> None:
-        relayed = self._relayed.pop(id(event.assoc), None)
-        if relayed is None or not relayed.session_subject:
+        self._close(id(event.assoc), mode)
+
+    def _close(self, key: int, mode: str) -> None:
+        with self._lock:
+            relayed = self._relayed.pop(key, None)
+            if relayed is None:
+                return
+            relayed.closed = True
+            subject = relayed.session_subject
+        if not subject:
             return
         metrics.ACTIVE_SESSIONS.labels(role="listener").dec()
-        subject = relayed.session_subject
         LOG.info("association closed", extra={**relayed.log_extra, "mode": mode})
+        self._send_close(subject, mode)
 
-        async def close() -> None:
-            with contextlib.suppress(Exception):
-                await self.transport.publish(
-                    subject,
-                    envelope.encode(CloseHeader(mode=mode)),  # type: ignore[arg-type]
-                )
-
-        with contextlib.suppress(Exception):
-            self.transport.submit(close())
+    def _sweep_dead_associations(self) -> None:
+        """pynetdicom can lose an association without an event (an exception in its DUL
+        thread, e.g. a P-DATA for a context that was never accepted): close those too, so
+        the far session and its association with the real SCP do not linger."""
+        while not self._stopping.wait(2.0):
+            with self._lock:
+                dead = [k for k, r in self._relayed.items() if not r.assoc.is_alive()]
+            for key in dead:
+                self._close(key, "abort")

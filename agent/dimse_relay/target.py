@@ -42,7 +42,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from dimse_relay import envelope, metrics, subjects
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
-    NODELAY_HANDLER,
+    SOCKET_HANDLERS,
     dataset_offset,
     decode_command,
     decode_dataset,
@@ -141,7 +141,7 @@ class TargetSession:
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
             max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
-            evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
+            evt_handlers=[*SOCKET_HANDLERS, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if assoc.is_established:
             self.assoc = assoc
@@ -354,7 +354,7 @@ class TargetSession:
             ae_title=self.cfg.scp_ae_title,
             ext_neg=roles,
             max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
-            evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, self._on_retrieved_store)],
+            evt_handlers=[*SOCKET_HANDLERS, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if not retrieve_assoc.is_established:
             status = Dataset()
