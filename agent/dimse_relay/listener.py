@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
@@ -45,9 +44,7 @@ from dimse_relay.dicom import (
     proposals_from_primitive,
 )
 from dimse_relay.envelope import (
-    AckHeader,
     CancelHeader,
-    ChunkHeader,
     CloseHeader,
     ContextProposal,
     EnvelopeError,
@@ -57,8 +54,15 @@ from dimse_relay.envelope import (
     RequestHeader,
     ResponseHeader,
 )
+from dimse_relay.retrieve import (
+    InstanceMessage,
+    RetrieveCollector,
+    Retrieved,
+    is_instance_message,
+    split_request,
+)
 from dimse_relay.statuses import RelayFailure
-from dimse_relay.streaming import SpooledDataset, StreamAborted, await_response, send_dataset
+from dimse_relay.streaming import StreamAborted, await_response, send_dataset
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
@@ -96,96 +100,6 @@ def _reject(assoc: Any, result: int, source: int, reason: int) -> None:
     """
     assoc.acse.send_reject(result, source, reason)
     assoc.kill()
-
-
-def _split_request(req: Any, message: Any) -> tuple[bytes, bytes]:
-    """The encoded command set of a C-FIND/C-GET/C-MOVE request and its raw identifier."""
-    identifier, req.Identifier = req.Identifier, None
-    try:
-        message.primitive_to_message(req)
-    finally:
-        req.Identifier = identifier
-    raw = identifier.getvalue() if identifier is not None else b""
-    return encode_command(message.command_set), raw
-
-
-@dataclass
-class _Instance:
-    """A message of a sub-operation instance streamed back during a C-GET/C-MOVE."""
-
-    header: Any
-    body: memoryview
-    reply: str
-
-
-@dataclass
-class Retrieved:
-    """What the far side of a C-GET/C-MOVE returned: instances spooled here, its last
-    pending and its final response (or the relay's own failure)."""
-
-    spool_dir: Path
-    instances: list[SpooledDataset] = field(default_factory=list)
-    pending: Dataset | None = None
-    final: Dataset | None = None
-    final_identifier: Dataset | None = None
-    failure: Dataset | None = None
-
-    def contexts(self) -> list[Any]:
-        """Presentation contexts for the move destination: one per (SOP class, transfer
-        syntax) retrieved, so every instance is sent as it is, never converted."""
-        pairs = sorted(
-            {
-                (str(i.command.AffectedSOPClassUID), i.request.transfer_syntax)
-                for i in self.instances
-            }
-        )
-        if not pairs:
-            # Nothing to store, but pynetdicom still opens the destination association
-            # when there is a final failure to report.
-            return [build_context("1.2.840.10008.1.1")]
-        return [build_context(sop, [ts]) for sop, ts in pairs[:128]]
-
-    def _far_failed(self) -> int:
-        if self.final is None:
-            return 0
-        return int(self.final.get("NumberOfFailedSuboperations", 0) or 0)
-
-    def suboperations(self) -> Iterator[Any]:
-        """pynetdicom's C-GET/C-MOVE handler protocol: the number of sub-operations, a
-        (Pending, dataset) per instance, then the final status."""
-        try:
-            failure = self.failure
-            if failure is None and self.final is None:
-                failure = Dataset()
-                failure.Status = statuses.RETRIEVE_OUT_OF_RESOURCES
-            if failure is not None:
-                yield 1
-                yield failure, None
-                return
-            assert self.final is not None
-            far_failed = self._far_failed()
-            total = len(self.instances) + far_failed
-            code = int(self.final.Status)
-            if total == 0:
-                if code == 0x0000:
-                    yield 0
-                else:
-                    yield 1
-                    yield self.final, self.final_identifier
-                return
-            yield total
-            for spool in self.instances:
-                yield 0xFF00, dcmread(spool.path)
-                spool.discard()
-            if code != 0x0000 or far_failed:
-                # The SCP's own warning/failure/cancel and its Failed SOP Instance UID List;
-                # pynetdicom counts the far-side failures (still "remaining") as failed.
-                yield self.final, self.final_identifier
-            else:
-                yield 0x0000, None
-        finally:
-            for spool in self.instances:
-                spool.discard()
 
 
 @dataclass
@@ -584,13 +498,13 @@ class ListenerServer:
         """C-FIND: every pending response is yielded to pynetdicom as it arrives from the far
         side; a C-CANCEL from the SCU is relayed to the real SCP, whose final status the SCU
         then gets."""
-        command, raw = _split_request(cast(C_FIND, event.request), C_FIND_RQ())
+        command, raw = split_request(cast(C_FIND, event.request), C_FIND_RQ())
         yield from self._relay_streamed(event, "C-FIND", command, raw)
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: the far agent retrieves from the real SCP; the instances come back over NATS
         and pynetdicom sends them to the SCU as C-STORE sub-operations on its association."""
-        command, raw = _split_request(cast(C_GET, event.request), C_GET_RQ())
+        command, raw = split_request(cast(C_GET, event.request), C_GET_RQ())
         retrieved = self._retrieve(event, "C-GET", command, raw)
         yield from retrieved.suboperations()
 
@@ -604,7 +518,7 @@ class ListenerServer:
             metrics.REQUESTS.labels(role="listener", service="C-MOVE", status="failure").inc()
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
-        command, raw = _split_request(req, C_MOVE_RQ())
+        command, raw = split_request(req, C_MOVE_RQ())
         retrieved = self._retrieve(event, "C-MOVE", command, raw)
         # pynetdicom opens the destination association itself: give it our socket handlers
         # (TCP_NODELAY, timeouts) too, or every sub-operation waits for Nagle's delayed ACK.
@@ -624,103 +538,28 @@ class ListenerServer:
     ) -> Retrieved:
         """Run a C-GET/C-MOVE on the far side to its final response, spooling every instance
         it streams back (each acknowledged once it is on disk here)."""
-        out = Retrieved(spool_dir=self.retrieve_dir)
+        collector = RetrieveCollector(self.transport, self.retrieve_dir)
         relayed = self._relayed.get(id(event.assoc))
         if relayed is None:
-            out.failure = self._failure_status(service, statuses.PROTOCOL_ERROR)
-            return out
-        spooling: dict[int, SpooledDataset] = {}
+            collector.result.failure = self._failure_status(service, statuses.PROTOCOL_ERROR)
+            return collector.result
         try:
             for item in self._stream_responses(
                 event, relayed, service, command, identifier, instances=True
             ):
-                if isinstance(item, _Instance):
-                    self._on_instance(item, spooling, out)
-                    continue
-                status, dataset = item
-                if int(status.Status) in (0xFF00, 0xFF01):
-                    out.pending = status
+                if isinstance(item, InstanceMessage):
+                    collector.on_instance(item)
                 else:
-                    out.final = status
-                    out.final_identifier = dataset
+                    collector.on_response(*item)
         finally:
-            for spool in spooling.values():
-                spool.discard()
+            collector.close()
+        final = collector.result.final
         metrics.REQUESTS.labels(
             role="listener",
             service=service,
-            status=metrics.status_class(int(out.final.Status)) if out.final else "none",
+            status=metrics.status_class(int(final.Status)) if final else "none",
         ).inc()
-        return out
-
-    def _on_instance(
-        self, item: _Instance, spooling: dict[int, SpooledDataset], out: Retrieved
-    ) -> None:
-        """One message of an instance the far agent streams back: spool, ACK, answer."""
-        header, body, reply = item.header, item.body, item.reply
-        if isinstance(header, RequestHeader):
-            try:
-                command = decode_command(body[: header.command_length])
-                spool = SpooledDataset(header, command, self.retrieve_dir, reply)
-            except Exception:
-                metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
-                self._reply(
-                    reply,
-                    ErrorHeader(
-                        op_id=header.op_id, reason="protocol", comment="bad sub-operation command"
-                    ),
-                )
-                return
-            if header.inline:
-                spool.add(body[header.command_length :])
-                self._finish_instance(spool, header.digest, out)
-            else:
-                spooling[header.op_id] = spool
-            return
-        in_progress = spooling.get(header.op_id)
-        if in_progress is None:
-            metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
-            return
-        spool = in_progress
-        why = spool.add_chunk(header, body)
-        if why is not None:
-            metrics.WIRE_REJECTED.labels(reason=why).inc()
-            del spooling[header.op_id]
-            self._reply(
-                reply, ErrorHeader(op_id=header.op_id, reason="protocol", comment=f"chunk {why}")
-            )
-        elif header.final:
-            del spooling[header.op_id]
-            self._finish_instance(spool, header.digest, out)
-        else:
-            self._reply(reply, AckHeader(op_id=header.op_id, seq=header.seq))
-
-    def _finish_instance(self, spool: SpooledDataset, digest: str | None, out: Retrieved) -> None:
-        why = spool.finish(digest)
-        op_id = spool.request.op_id
-        if why is not None:
-            metrics.WIRE_REJECTED.labels(reason=why).inc()
-            self._reply(
-                spool.reply, ErrorHeader(op_id=op_id, reason="protocol", comment=f"dataset {why}")
-            )
-            return
-        out.instances.append(spool)
-        ok = Dataset()
-        ok.Status = 0x0000
-        raw = encode_command(ok)
-        self._reply(
-            spool.reply,
-            ResponseHeader(op_id=op_id, final=True, command_length=len(raw)),
-            raw,
-        )
-
-    def _reply(self, subject: str, header: Any, body: bytes = b"") -> None:
-        """Publish from a pynetdicom thread without waiting (order is kept by the loop)."""
-        if subject:
-            with contextlib.suppress(Exception):
-                self.transport.submit(
-                    self.transport.publish(subject, envelope.encode(header, body))
-                )
+        return collector.result
 
     def _relay_streamed(
         self, event: evt.Event, service: str, command: bytes, identifier: bytes
@@ -750,7 +589,7 @@ class ListenerServer:
         instances: bool = False,
     ) -> Iterator[Any]:
         """Send one request and yield its responses as (status, dataset) as they arrive; with
-        ``instances``, also the messages of sub-operation instances as _Instance items."""
+        ``instances``, also the messages of sub-operation instances as InstanceMessage items."""
         lcfg = relayed.listener
         transfer_syntax = UID(str(event.context.transfer_syntax))
         try:
@@ -790,9 +629,9 @@ class ListenerServer:
                         raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
                     continue
                 header, body = self._decode_reply(msg)
-                if instances and self._is_instance_message(header, op_id):
+                if instances and is_instance_message(header, op_id):
                     deadline = time.monotonic() + timeout_s
-                    yield _Instance(header, body, msg.reply)
+                    yield InstanceMessage(header, body, msg.reply)
                     continue
                 if header is None or getattr(header, "op_id", None) != op_id:
                     continue
@@ -818,11 +657,6 @@ class ListenerServer:
                 # The SCU went away or pynetdicom stopped asking: stop the far operation too.
                 self._publish_cancel(subject, op_id)
             self.transport.replies.release(inbox)
-
-    def _is_instance_message(self, header: Any, op_id: int) -> bool:
-        if isinstance(header, RequestHeader):
-            return header.parent_op_id == op_id and header.service == "C-STORE"
-        return isinstance(header, ChunkHeader) and header.op_id >= 1 << 32
 
     def _decode_response(
         self, header: ResponseHeader, body: memoryview, transfer_syntax: UID

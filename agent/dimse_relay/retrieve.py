@@ -1,0 +1,214 @@
+"""C-GET and C-MOVE on the listener's side: collect what the far agent streams back.
+
+The far agent retrieves from the real SCP and streams every instance back over NATS (a C-STORE
+REQUEST with ``parent_op_id`` and CHUNKs, see docs/wire-protocol.md), interleaved with the
+SCP's pending responses. :class:`RetrieveCollector` spools the instances (acknowledging each
+chunk, answering each instance once it is on disk) and keeps the responses;
+:meth:`Retrieved.suboperations` then feeds pynetdicom's C-GET/C-MOVE SCP, which performs the
+C-STORE sub-operations to the SCU or the move destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+
+from dimse_relay import envelope, metrics, statuses
+from dimse_relay.dicom import decode_command, encode_command
+from dimse_relay.envelope import AckHeader, ChunkHeader, ErrorHeader, RequestHeader, ResponseHeader
+from dimse_relay.streaming import SpooledDataset
+from dimse_relay.transport import NatsTransport
+
+
+def is_instance_message(header: Any, op_id: int) -> bool:
+    """Whether ``header`` belongs to an instance streamed back for retrieve ``op_id``."""
+    if isinstance(header, RequestHeader):
+        return header.parent_op_id == op_id and header.service == "C-STORE"
+    return isinstance(header, ChunkHeader) and header.op_id >= 1 << 32
+
+
+def split_request(req: Any, message: Any) -> tuple[bytes, bytes]:
+    """The encoded command set of a C-FIND/C-GET/C-MOVE request and its raw identifier."""
+    identifier, req.Identifier = req.Identifier, None
+    try:
+        message.primitive_to_message(req)
+    finally:
+        req.Identifier = identifier
+    raw = identifier.getvalue() if identifier is not None else b""
+    return encode_command(message.command_set), raw
+
+
+@dataclass
+class InstanceMessage:
+    """A message of a sub-operation instance streamed back during a C-GET/C-MOVE."""
+
+    header: Any
+    body: memoryview
+    reply: str
+
+
+@dataclass
+class Retrieved:
+    """What the far side of a C-GET/C-MOVE returned: instances spooled here, its last
+    pending and its final response (or the relay's own failure)."""
+
+    spool_dir: Path
+    instances: list[SpooledDataset] = field(default_factory=list)
+    pending: Dataset | None = None
+    final: Dataset | None = None
+    final_identifier: Dataset | None = None
+    failure: Dataset | None = None
+
+    def contexts(self) -> list[Any]:
+        """Presentation contexts for the move destination: one per (SOP class, transfer
+        syntax) retrieved, so every instance is sent as it is, never converted."""
+        pairs = sorted(
+            {
+                (str(i.command.AffectedSOPClassUID), i.request.transfer_syntax)
+                for i in self.instances
+            }
+        )
+        if not pairs:
+            # Nothing to store, but pynetdicom still opens the destination association
+            # when there is a final failure to report.
+            return [build_context("1.2.840.10008.1.1")]
+        return [build_context(sop, [ts]) for sop, ts in pairs[:128]]
+
+    def _far_failed(self) -> int:
+        if self.final is None:
+            return 0
+        return int(self.final.get("NumberOfFailedSuboperations", 0) or 0)
+
+    def suboperations(self) -> Iterator[Any]:
+        """pynetdicom's C-GET/C-MOVE handler protocol: the number of sub-operations, a
+        (Pending, dataset) per instance, then the final status."""
+        try:
+            failure = self.failure
+            if failure is None and self.final is None:
+                failure = Dataset()
+                failure.Status = statuses.RETRIEVE_OUT_OF_RESOURCES
+            if failure is not None:
+                yield 1
+                yield failure, None
+                return
+            assert self.final is not None
+            far_failed = self._far_failed()
+            total = len(self.instances) + far_failed
+            code = int(self.final.Status)
+            if total == 0:
+                if code == 0x0000:
+                    yield 0
+                else:
+                    yield 1
+                    yield self.final, self.final_identifier
+                return
+            yield total
+            for spool in self.instances:
+                yield 0xFF00, dcmread(spool.path)
+                spool.discard()
+            if code != 0x0000 or far_failed:
+                # The SCP's own warning/failure/cancel and its Failed SOP Instance UID List;
+                # pynetdicom counts the far-side failures (still "remaining") as failed.
+                yield self.final, self.final_identifier
+            else:
+                yield 0x0000, None
+        finally:
+            for spool in self.instances:
+                spool.discard()
+
+
+class RetrieveCollector:
+    """Spools the instances of one retrieve and records its responses (pynetdicom thread)."""
+
+    def __init__(self, transport: NatsTransport, spool_dir: Path):
+        self.transport = transport
+        self.spool_dir = spool_dir
+        self.result = Retrieved(spool_dir=spool_dir)
+        self._spooling: dict[int, SpooledDataset] = {}
+
+    def on_response(self, status: Dataset, dataset: Dataset | None) -> None:
+        if int(status.Status) in (0xFF00, 0xFF01):
+            self.result.pending = status
+        else:
+            self.result.final = status
+            self.result.final_identifier = dataset
+
+    def close(self) -> None:
+        """Drop instances still arriving (the retrieve ended or failed)."""
+        for spool in self._spooling.values():
+            spool.discard()
+        self._spooling.clear()
+
+    def on_instance(self, item: InstanceMessage) -> None:
+        """One message of an instance the far agent streams back: spool, ACK, answer."""
+        header, body, reply = item.header, item.body, item.reply
+        if isinstance(header, RequestHeader):
+            try:
+                command = decode_command(body[: header.command_length])
+                spool = SpooledDataset(header, command, self.spool_dir, reply)
+            except Exception:
+                metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+                self._reply(
+                    reply,
+                    ErrorHeader(
+                        op_id=header.op_id, reason="protocol", comment="bad sub-operation command"
+                    ),
+                )
+                return
+            if header.inline:
+                spool.add(body[header.command_length :])
+                self._finish(spool, header.digest)
+            else:
+                self._spooling[header.op_id] = spool
+            return
+        in_progress = self._spooling.get(header.op_id)
+        if in_progress is None:
+            metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
+            return
+        spool = in_progress
+        why = spool.add_chunk(header, body)
+        if why is not None:
+            metrics.WIRE_REJECTED.labels(reason=why).inc()
+            del self._spooling[header.op_id]
+            self._reply(
+                reply, ErrorHeader(op_id=header.op_id, reason="protocol", comment=f"chunk {why}")
+            )
+        elif header.final:
+            del self._spooling[header.op_id]
+            self._finish(spool, header.digest)
+        else:
+            self._reply(reply, AckHeader(op_id=header.op_id, seq=header.seq))
+
+    def _finish(self, spool: SpooledDataset, digest: str | None) -> None:
+        why = spool.finish(digest)
+        op_id = spool.request.op_id
+        if why is not None:
+            metrics.WIRE_REJECTED.labels(reason=why).inc()
+            self._reply(
+                spool.reply, ErrorHeader(op_id=op_id, reason="protocol", comment=f"dataset {why}")
+            )
+            return
+        self.result.instances.append(spool)
+        ok = Dataset()
+        ok.Status = 0x0000
+        raw = encode_command(ok)
+        self._reply(
+            spool.reply,
+            ResponseHeader(op_id=op_id, final=True, command_length=len(raw)),
+            raw,
+        )
+
+    def _reply(self, subject: str, header: Any, body: bytes = b"") -> None:
+        """Publish from a pynetdicom thread without waiting (order is kept by the loop)."""
+        if subject:
+            with contextlib.suppress(Exception):
+                self.transport.submit(
+                    self.transport.publish(subject, envelope.encode(header, body))
+                )
