@@ -208,6 +208,22 @@ def encode_command(ds: Dataset) -> bytes:
     return raw
 
 
+def request_command(primitive: Any, message: Any, data_attr: str) -> tuple[bytes, Any]:
+    """The encoded command set of a DIMSE request primitive, without its data set.
+
+    ``message`` is the matching pynetdicom message (C_STORE_RQ(), C_FIND_RQ() ...), and
+    ``data_attr`` the primitive's data attribute ("DataSet" or "Identifier"), which is left
+    out of the conversion and returned as it is (a BytesIO, or None when spooled to a file).
+    """
+    data = getattr(primitive, data_attr)
+    setattr(primitive, data_attr, None)
+    try:
+        message.primitive_to_message(primitive)
+    finally:
+        setattr(primitive, data_attr, data)
+    return encode_command(message.command_set), data
+
+
 def decode_command(raw: bytes | memoryview) -> Dataset:
     return decode(BytesIO(bytes(raw)), True, True)
 

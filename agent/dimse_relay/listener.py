@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 
 from dimse_relay import envelope, metrics, statuses, subjects
 from dimse_relay.config import AgentConfig, ListenerConfig
@@ -42,6 +42,7 @@ from dimse_relay.dicom import (
     encode_command,
     fallback_contexts,
     proposals_from_primitive,
+    request_command,
 )
 from dimse_relay.envelope import (
     CancelHeader,
@@ -409,15 +410,8 @@ class ListenerServer:
         path: Path = event.dataset_path
 
         def run(relayed: RelayedAssociation, subject: str) -> Dataset:
-            req = cast(C_STORE, event.request)
-            msg = C_STORE_RQ()
             # The dataset is in the temp file; only the command set goes in the header message.
-            dataset, req.DataSet = req.DataSet, None
-            try:
-                msg.primitive_to_message(req)
-            finally:
-                req.DataSet = dataset
-            command = encode_command(msg.command_set)
+            command, _ = request_command(event.request, C_STORE_RQ(), "DataSet")
             offset = dataset_offset(path)
             length = path.stat().st_size - offset
             lcfg = relayed.listener

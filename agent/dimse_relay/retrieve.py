@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 
 from dimse_relay import envelope, metrics, statuses
-from dimse_relay.dicom import decode_command, encode_command
+from dimse_relay.dicom import decode_command, encode_command, request_command
 from dimse_relay.envelope import AckHeader, ChunkHeader, ErrorHeader, RequestHeader, ResponseHeader
 from dimse_relay.streaming import SpooledDataset
 from dimse_relay.transport import NatsTransport
@@ -36,13 +36,8 @@ def is_instance_message(header: Any, op_id: int) -> bool:
 
 def split_request(req: Any, message: Any) -> tuple[bytes, bytes]:
     """The encoded command set of a C-FIND/C-GET/C-MOVE request and its raw identifier."""
-    identifier, req.Identifier = req.Identifier, None
-    try:
-        message.primitive_to_message(req)
-    finally:
-        req.Identifier = identifier
-    raw = identifier.getvalue() if identifier is not None else b""
-    return encode_command(message.command_set), raw
+    command, identifier = request_command(req, message, "Identifier")
+    return command, identifier.getvalue() if identifier is not None else b""
 
 
 @dataclass

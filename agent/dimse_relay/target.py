@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from nats.aio.msg import Msg
 from pydicom.dataset import Dataset
@@ -36,10 +36,11 @@ from pynetdicom import (
 )
 from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
-from dimse_relay import envelope, metrics, subjects
+from dimse_relay import envelope, metrics, sinks, subjects
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     SOCKET_HANDLERS,
@@ -48,6 +49,7 @@ from dimse_relay.dicom import (
     decode_dataset,
     encode_command,
     encode_dataset,
+    request_command,
     requested_contexts,
 )
 from dimse_relay.envelope import (
@@ -116,6 +118,57 @@ class TargetSession:
         self.sub: Any = None
         self.closed = False
         self.log_extra = {"assoc_id": open_hdr.assoc_id, "target": cfg.ae_title}
+        # kind filesystem/dicomweb: this agent is the SCP and the sink stores the instances.
+        self.sink: sinks.Sink | None = server.sinks.get(cfg.ae_title)
+
+    # -- sink targets: the agent answers the association itself ---------------------------
+    def _accept_locally(self) -> OpenResultHeader:
+        """A sink stores any transfer syntax bit-exact, so each storage context is accepted
+        with the SCU's first proposed transfer syntax (its preference, never converted),
+        Verification too; every other context (query/retrieve, ...) is rejected."""
+        accepted = []
+        for prop in self.open_hdr.contexts:
+            uid = prop.abstract_syntax
+            storage = uid.startswith("1.2.840.10008.5.1.4.1.1.") or (
+                uid_to_service_class(uid) is StorageServiceClass
+            )
+            if storage or uid == sinks.VERIFICATION:
+                accepted.append(
+                    ContextResult(
+                        id=prop.id, abstract_syntax=uid, transfer_syntax=prop.transfer_syntaxes[0]
+                    )
+                )
+        metrics.ASSOCIATIONS.labels(role="target", result="accepted").inc()
+        return OpenResultHeader(
+            assoc_id=self.open_hdr.assoc_id,
+            result="accepted",
+            session_subject=self.subject,
+            accepted=accepted,
+        )
+
+    def _sink_echo(self) -> Dataset:
+        assert self.sink is not None
+        why = self.sink.check()
+        if why is not None:
+            LOG.warning("sink not healthy", extra={**self.log_extra, "why": why})
+            return sinks.status(sinks.PROCESSING_FAILURE, f"dimse-relay: sink {why}")
+        return sinks.status(sinks.SUCCESS)
+
+    def _sink_store(self, up: SpooledDataset) -> Dataset:
+        assert self.sink is not None
+        instance = sinks.Instance(
+            path=up.path,
+            sop_class_uid=str(up.command.AffectedSOPClassUID),
+            sop_instance_uid=str(up.command.AffectedSOPInstanceUID),
+            transfer_syntax=up.request.transfer_syntax,
+            calling_ae_title=self.open_hdr.calling_ae_title,
+            assoc_id=self.open_hdr.assoc_id,
+        )
+        try:
+            return self.sink.store(instance)
+        except Exception as exc:  # a sink bug must give a failure status, never Success
+            LOG.error("sink failed", extra={**self.log_extra, "error": type(exc).__name__})
+            return sinks.status(sinks.PROCESSING_FAILURE, "dimse-relay: sink error")
 
     # -- association with the real SCP (worker thread) -----------------------------------
     def _associate(self) -> OpenResultHeader:
@@ -135,8 +188,7 @@ class TargetSession:
                 item.scp_role = bool(prop.scp_role)
                 ext_neg.append(item)
         assoc = ae.associate(
-            self.cfg.host,
-            self.cfg.port,
+            *self.cfg.scp_address,
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
@@ -249,6 +301,14 @@ class TargetSession:
             metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "command set undecodable")
             return
+        if self.sink is not None:
+            if hdr.service == "C-ECHO":
+                await self._run_and_reply(hdr, reply, self._sink_echo)
+            elif hdr.service == "C-STORE":
+                await self._start_store(hdr, command, body[hdr.command_length :], reply)
+            else:
+                await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not stored")
+            return
         if self.assoc is None or not self.assoc.is_established:
             await self._reply_error(
                 reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
@@ -348,8 +408,7 @@ class TargetSession:
             contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
             roles.append(build_role(cx.abstract_syntax, scp_role=True))
         retrieve_assoc = ae.associate(
-            self.cfg.host,
-            self.cfg.port,
+            *self.cfg.scp_address,
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=roles,
@@ -386,14 +445,7 @@ class TargetSession:
             return 0xA900  # not expected outside a retrieve
         path = Path(event.dataset_path)
         offset = dataset_offset(path)
-        req = cast(C_STORE, event.request)
-        msg = C_STORE_RQ()
-        dataset, req.DataSet = req.DataSet, None
-        try:
-            msg.primitive_to_message(req)
-        finally:
-            req.DataSet = dataset
-        command = encode_command(msg.command_set)
+        command, _ = request_command(event.request, C_STORE_RQ(), "DataSet")
         self.sub_counter += 1
         request = RequestHeader(
             op_id=(1 << 32) + self.sub_counter,
@@ -580,6 +632,8 @@ class TargetSession:
 
         def store() -> Dataset:
             try:
+                if self.sink is not None:
+                    return self._sink_store(up)
                 return self._send_store(up.command, up.path)
             finally:
                 up.discard()
@@ -651,6 +705,18 @@ class TargetServer:
         self.spool_dir.mkdir(exist_ok=True, mode=0o700)
         self._subscribed = False
         self._reaper: asyncio.Task[None] | None = None
+        prefix = agent_cfg.nats.subject_prefix
+        self.sinks: dict[str, sinks.Sink] = {
+            t.ae_title: sinks.build_sink(t, prefix, self._publish_event)
+            for t in agent_cfg.targets
+            if t.kind != "scp"
+        }
+
+    def _publish_event(self, subject: str, payload: bytes) -> None:
+        """(worker thread) publish a sink event on the NATS loop; raises if it failed."""
+        asyncio.run_coroutine_threadsafe(
+            self.transport.publish(subject, payload), self.transport.loop
+        ).result(5)
 
     def track(self, task: asyncio.Future[Any]) -> None:
         self.tasks.add(task)
@@ -706,7 +772,8 @@ class TargetServer:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            result = await loop.run_in_executor(session.worker, session._associate)
+            associate = session._accept_locally if session.sink else session._associate
+            result = await loop.run_in_executor(session.worker, associate)
             if time.monotonic() - started > hdr.timeout_s:
                 # The listener has given up waiting; nobody will use or close this association.
                 metrics.ASSOCIATIONS.labels(role="target", result="too_late").inc()
@@ -746,3 +813,6 @@ class TargetServer:
     async def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             await session.close("release")
+        for sink in self.sinks.values():
+            with contextlib.suppress(Exception):
+                sink.close()
