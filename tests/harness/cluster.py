@@ -4,44 +4,29 @@ ports, mutual TLS on the routes (route certificates with serverAuth and clientAu
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import LOOPBACK, NATS_SERVER, require_executable
+from . import LOOPBACK
+from .nats import NatsServer
 from .pki import CertFiles, TestPKI, issue_cert
-from .ports import free_port, wait_port
+from .ports import free_port
 
 
-class ClusterNode:
+class ClusterNode(NatsServer):
+    """One node: the single-server setup of NatsServer plus a cluster block with mTLS routes."""
+
     def __init__(self, name: str, workdir: Path, pki: TestPKI, route: CertFiles):
+        super().__init__(workdir, pki)
         self.name = name
-        self.workdir = workdir
-        self.pki = pki
         self.route = route
-        self.port = free_port()
         self.cluster_port = free_port()
-        self.http_port = free_port()
         self.peers: list[ClusterNode] = []
-        self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / f"{name}.conf"
         self.log_path = workdir / f"{name}.log"
 
-    @property
-    def url(self) -> str:
-        return f"tls://localhost:{self.port}"
-
-    def _config(self) -> str:
-        client_tls = {
-            "cert_file": str(self.pki.server.cert),
-            "key_file": str(self.pki.server.key),
-            "ca_file": str(self.pki.ca),
-            "verify": True,
-            "timeout": 2,
-        }
+    def _config_lines(self) -> list[str]:
         cluster = {
             "name": "dimse-test",
             "listen": f"{LOOPBACK}:{self.cluster_port}",
@@ -55,42 +40,14 @@ class ClusterNode:
             },
             "routes": [f"tls://localhost:{p.cluster_port}" for p in self.peers],
         }
-        lines = [
+        return [
             f"server_name: {json.dumps(self.name)}",
-            f"listen: {json.dumps(f'{LOOPBACK}:{self.port}')}",
-            f"http: {json.dumps(f'{LOOPBACK}:{self.http_port}')}",
-            "max_payload: 8MB",
-            f"tls: {json.dumps(client_tls)}",
+            *super()._config_lines(),
             f"cluster: {json.dumps(cluster)}",
         ]
-        return "\n".join(lines) + "\n"
-
-    def start(self) -> ClusterNode:
-        require_executable(NATS_SERVER)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self._config())
-        check = subprocess.run(
-            [str(NATS_SERVER), "-t", "-c", str(self.config_path)], capture_output=True, text=True
-        )
-        if check.returncode != 0:
-            raise RuntimeError(f"nats-server config invalid: {check.stderr or check.stdout}")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [str(NATS_SERVER), "-c", str(self.config_path)], stdout=log, stderr=log
-        )
-        wait_port(self.port, 10, proc=self.proc)
-        wait_port(self.http_port, 10, proc=self.proc)
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def monitor(self, endpoint: str) -> dict[str, Any]:
-        with urllib.request.urlopen(
-            f"http://{LOOPBACK}:{self.http_port}/{endpoint}", timeout=2
-        ) as rsp:
-            return json.loads(rsp.read())  # type: ignore[no-any-return]
+        return self.varz(endpoint)
 
     def route_peers(self) -> set[str]:
         """Names of the nodes this one has a route to (route pooling: several routes each)."""
@@ -100,20 +57,6 @@ class ClusterNode:
     def client_names(self) -> list[str]:
         """Names of the clients connected to this node (from /connz)."""
         return [str(c.get("name", "")) for c in self.monitor("connz").get("connections") or []]
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class NatsCluster:

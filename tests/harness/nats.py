@@ -47,6 +47,9 @@ class NatsServer:
         return f"tls://localhost:{self.port}"
 
     def _config(self) -> str:
+        return "\n".join(self._config_lines()) + "\n"
+
+    def _config_lines(self) -> list[str]:
         tls = {
             "cert_file": str(self.pki.server.cert),
             "key_file": str(self.pki.server.key),
@@ -68,7 +71,7 @@ class NatsServer:
             lines.append(f"authorization: {json.dumps({'users': self.users})}")
         if self.jetstream:
             lines.append(f"jetstream: {json.dumps({'store_dir': str(self.workdir / 'js')})}")
-        return "\n".join(lines) + "\n"
+        return lines
 
     def start(self) -> NatsServer:
         require_executable(NATS_SERVER)
@@ -88,8 +91,18 @@ class NatsServer:
         return self
 
     def varz(self, endpoint: str = "varz") -> dict[str, object]:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/{endpoint}") as rsp:
+        url = f"http://{LOOPBACK}:{self.http_port}/{endpoint}"
+        with urllib.request.urlopen(url, timeout=5) as rsp:
             return json.loads(rsp.read())  # type: ignore[no-any-return]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
