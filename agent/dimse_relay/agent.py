@@ -73,7 +73,12 @@ class Agent:
                 for c in self.cfg.listeners
             ],
             "targets": [
-                {"ae_title": c.ae_title, "scp": f"{c.host}:{c.port}", "called": c.scp_ae_title}
+                {
+                    "ae_title": c.ae_title,
+                    "kind": c.kind,
+                    "scp": c.destination,
+                    "called": c.scp_ae_title,
+                }
                 for c in self.cfg.targets
             ],
             "target_sessions": len(self.targets.sessions) if self.targets else 0,

@@ -155,26 +155,239 @@ class TargetTimeouts(_Strict):
     session_idle_s: float = Field(default=600.0, gt=0)
 
 
+# Fields of a file-system layout, all read from the stored instance (never patient data).
+LAYOUT_FIELDS = frozenset(
+    {
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "TransferSyntaxUID",
+        "Modality",
+        "CallingAETitle",
+    }
+)
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+
+
+def _check_layout(layout: str) -> str:
+    """A relative path template whose fields are in LAYOUT_FIELDS and that names each
+    instance apart (it must contain {SOPInstanceUID})."""
+    import string
+
+    fields: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(layout))
+    except ValueError as exc:
+        raise ValueError(f"layout: {exc}") from None
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in LAYOUT_FIELDS:
+            raise ValueError(f"layout: unknown field {{{name}}}; known: {sorted(LAYOUT_FIELDS)}")
+        if spec or conversion:
+            raise ValueError(f"layout: field {{{name}}} takes no format spec or conversion")
+        del literal
+        fields.append(name)
+    if "SOPInstanceUID" not in fields:
+        raise ValueError("layout: must contain {SOPInstanceUID}")
+    parts = layout.split("/")
+    if layout.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError("layout: must be a relative path without empty, '.' or '..' parts")
+    if "\\" in layout or "\0" in layout:
+        raise ValueError("layout: must not contain backslashes or NUL")
+    return layout
+
+
+def _mode(value: str) -> int:
+    if not isinstance(value, str) or not value.isdigit() or not 3 <= len(value) <= 4:
+        raise ValueError("must be an octal mode written as a string, e.g. '0640'")
+    mode = int(value, 8) if all(c in "01234567" for c in value) else -1
+    if not 0 <= mode <= 0o777:
+        raise ValueError("must be an octal mode written as a string, e.g. '0640'")
+    return mode
+
+
+class FilesystemSinkConfig(_Strict):
+    """Store every C-STORE as a Part 10 file below ``root`` (docs/sinks.md)."""
+
+    root: Path
+    layout: str = DEFAULT_LAYOUT
+    duplicates: Literal["keep_both", "reject"] = "keep_both"
+    file_mode: str = "0640"
+    dir_mode: str = "0750"
+    fsync: bool = True
+    events: bool = True
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: str) -> str:
+        return _check_layout(value)
+
+    @field_validator("file_mode", "dir_mode")
+    @classmethod
+    def _modes(cls, value: str) -> str:
+        _mode(value)
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"root must be an absolute path: {value}")
+        return value
+
+    @property
+    def file_mode_bits(self) -> int:
+        return _mode(self.file_mode)
+
+    @property
+    def dir_mode_bits(self) -> int:
+        return _mode(self.dir_mode)
+
+
+class DicomwebAuth(_Strict):
+    """Credentials read from a secret file (re-read when the file changes)."""
+
+    type: Literal["bearer", "basic"]
+    token_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomwebAuth:
+        if self.type == "bearer":
+            if self.token_file is None or self.username or self.password_file:
+                raise ValueError("bearer auth needs token_file (and no username/password_file)")
+            files = [self.token_file]
+        else:
+            if not self.username or self.password_file is None or self.token_file:
+                raise ValueError("basic auth needs username and password_file (no token_file)")
+            files = [self.password_file]
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"secret file not found: {path}")
+        return self
+
+
+class DicomwebRetry(_Strict):
+    """Retries of 408/429/5xx answers and connection errors, with exponential backoff."""
+
+    max_time_s: float = Field(default=40.0, gt=0, le=3600)
+    initial_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=8.0, gt=0)
+
+
+class DicomwebBatch(_Strict):
+    """Instances of one study arriving at the same time (on concurrent associations) may
+    share one STOW-RS request; every C-STORE still waits for its own instance's result."""
+
+    max_instances: int = Field(default=1, ge=1, le=1000)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    linger_s: float = Field(default=0.05, ge=0, le=5)
+
+
+class DicomwebSinkConfig(_Strict):
+    """Send every C-STORE to a DICOMweb server with STOW-RS (docs/sinks.md)."""
+
+    url: str
+    auth: DicomwebAuth | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_tls: bool = True
+    timeout_s: float = Field(default=30.0, gt=0)
+    retry: DicomwebRetry = DicomwebRetry()
+    batch: DicomwebBatch = DicomwebBatch()
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"url needs an http:// or https:// scheme: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = {"authorization", "content-type", "content-length", "host"}
+        bad = sorted(k for k in value if k.lower() in reserved)
+        if bad:
+            raise ValueError(f"headers: {bad} are set by the agent")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> DicomwebSinkConfig:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if not self.verify_tls and self.ca_file is not None:
+            raise ValueError("ca_file is set but verify_tls is false")
+        return self
+
+
 class TargetConfig(_Strict):
-    """A NATS subscription for one AE title that forwards requests to a real local SCP."""
+    """A NATS subscription for one AE title. ``kind: scp`` (default) forwards requests to a
+    real local SCP; ``filesystem`` and ``dicomweb`` store C-STOREs in a sink (sinks.py)."""
 
     ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["scp", "filesystem", "dicomweb"] = "scp"
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
     called_ae_title: str | None = None
     calling_ae_title: str | None = None
     max_sessions: int = Field(default=64, ge=1)
     max_pdu: int = Field(default=0, ge=0)
     timeouts: TargetTimeouts = TargetTimeouts()
+    filesystem: FilesystemSinkConfig | None = None
+    dicomweb: DicomwebSinkConfig | None = None
 
     @field_validator("ae_title", "called_ae_title", "calling_ae_title")
     @classmethod
     def _aet(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
 
+    @model_validator(mode="after")
+    def _kind(self) -> TargetConfig:
+        scp_only = ("host", "port", "called_ae_title", "calling_ae_title")
+        if self.kind == "scp":
+            missing = [k for k in ("host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"kind scp needs {' and '.join(missing)}")
+        else:
+            given = [k for k in scp_only if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for kind scp (this is {self.kind})")
+            if getattr(self, self.kind) is None:
+                raise ValueError(f"kind {self.kind} needs a {self.kind} section")
+        for other in ("filesystem", "dicomweb"):
+            if other != self.kind and getattr(self, other) is not None:
+                raise ValueError(f"{other} section given but kind is {self.kind}")
+        return self
+
     @property
     def scp_ae_title(self) -> str:
         return self.called_ae_title or self.ae_title
+
+    @property
+    def scp_address(self) -> tuple[str, int]:
+        """Host and port of the real SCP (kind scp: both are required)."""
+        if self.host is None or self.port is None:
+            raise ValueError(f"target {self.ae_title} has no SCP address (kind {self.kind})")
+        return self.host, self.port
+
+    @property
+    def destination(self) -> str:
+        """Where this target delivers, for /status and logs."""
+        if self.filesystem is not None:
+            return f"filesystem:{self.filesystem.root}"
+        if self.dicomweb is not None:
+            return f"dicomweb:{self.dicomweb.url}"
+        return f"{self.host}:{self.port}"
 
 
 class MoveDestination(_Strict):

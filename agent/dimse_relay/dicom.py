@@ -48,7 +48,7 @@ def _bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
 
 
-def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.001) -> None:
+def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002) -> None:
     """Process-wide pynetdicom settings the relay depends on."""
     global POLL_INTERVAL_S
     POLL_INTERVAL_S = poll_interval_s
@@ -71,7 +71,7 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.001) 
 # pynetdicom's DUL and association reactors poll their queues, sleeping 1 ms between polls;
 # in a relay every DIMSE message crosses four such loops, so the sleep is shortened (the cost
 # is more wake-ups of idle associations). Set by configure_pynetdicom.
-POLL_INTERVAL_S = 0.001
+POLL_INTERVAL_S = 0.0002
 
 
 class _ShortSleepTime:

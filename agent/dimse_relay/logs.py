@@ -5,11 +5,40 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+# Elements whose values are redacted from every log line, even with logging.log_identifiers
+# (which lets pynetdicom log identifiers and responses element by element, as
+# "(gggg,eeee) VR [value]"): names, IDs, birth dates, accession numbers, addresses, phones.
+REDACTED_TAGS = (
+    "0008,0050",  # Accession Number
+    "0008,0090",  # Referring Physician's Name
+    "0010,0010",  # Patient's Name
+    "0010,0020",  # Patient ID
+    "0010,0030",  # Patient's Birth Date
+    "0010,1000",  # Other Patient IDs
+    "0010,1001",  # Other Patient Names
+    "0010,1040",  # Patient's Address
+    "0010,2154",  # Patient's Telephone Numbers
+)
+_REDACT = re.compile(r"(\((?:" + "|".join(REDACTED_TAGS) + r")\) [A-Z]{2} )\[[^\]\n]*\]", re.I)
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces the values of REDACTED_TAGS in a record's message with [redacted]."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "(00" in message:
+            redacted = _REDACT.sub(r"\1[redacted]", message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,6 +74,7 @@ class TextFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str, agent: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(JsonFormatter(agent) if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -245,6 +245,7 @@ class NatsTransport:
             await nc.close()
             raise
         await nc.subscribe(f"{self.replies.inbox_root}.*", cb=self.replies.dispatch)
+        self.refused_subjects.clear()  # a new connection: refusals are reported anew
         metrics.NATS_CONNECTED.set(1)
         self._connected.set()
         LOG.info("NATS connected", extra={"server": self.server_url})
