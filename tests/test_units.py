@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -139,3 +140,24 @@ def test_config_environment_overrides_secrets() -> None:
     )
     assert cfg.nats.password == "s3cret" and cfg.nats.user == "edge"
     assert cfg.nats.servers == ["tls://a:4222", "tls://b:4222"]
+
+
+def test_listener_tls_config_checks(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    tls = {"cert_file": str(cert), "key_file": str(cert), "require_client_cert": True}
+    with pytest.raises(ConfigError) as err:
+        parse_config(base_config(listeners=[{"ae_title": "A", "port": 104, "tls": tls}]), {})
+    assert any("require_client_cert needs ca_file" in e for e in err.value.errors)
+    ok = {"cert_file": str(cert), "key_file": str(cert)}
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            base_config(
+                listeners=[
+                    {"ae_title": "A", "port": 104, "tls": ok},
+                    {"ae_title": "B", "port": 104},
+                ]
+            ),
+            {},
+        )
+    assert any("must have the same tls settings" in e for e in err.value.errors)

@@ -118,6 +118,26 @@ class ListenerTimeouts(_Strict):
     network_s: float = Field(default=300.0, gt=0)
 
 
+class DimseTLSConfig(_Strict):
+    """DICOM TLS on a listener's port (PS3.15 B.1, TLS 1.2 or later): the agent presents
+    cert_file; with ca_file it verifies SCU certificates, required if require_client_cert."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files(self) -> DimseTLSConfig:
+        for name in ("cert_file", "key_file", "ca_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file to verify SCU certificates")
+        return self
+
+
 class ListenerConfig(_Strict):
     """A local DICOM SCP that stands in for a remote AE and relays to it over NATS."""
 
@@ -130,6 +150,7 @@ class ListenerConfig(_Strict):
     max_associations: int = Field(default=32, ge=1)
     max_pdu: int = Field(default=0, ge=0)
     timeouts: ListenerTimeouts = ListenerTimeouts()
+    tls: DimseTLSConfig | None = None
 
     @field_validator("ae_title", "remote_ae_title")
     @classmethod
@@ -437,6 +458,14 @@ class AgentConfig(_Strict):
                     f"{lst.bind}:{lst.port}"
                 )
             seen.add(key)
+        tls_by_port: dict[tuple[str, int], DimseTLSConfig | None] = {}
+        for idx, lst in enumerate(self.listeners):
+            first = tls_by_port.setdefault((lst.bind, lst.port), lst.tls)
+            if first != lst.tls:
+                raise ValueError(
+                    f"listeners.{idx}.tls: listeners on {lst.bind}:{lst.port} share one socket "
+                    "and must have the same tls settings"
+                )
         aets = [t.ae_title for t in self.targets]
         dupes = {a for a in aets if aets.count(a) > 1}
         if dupes:

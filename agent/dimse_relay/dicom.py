@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from io import BytesIO
@@ -31,6 +32,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_ae
 
+from dimse_relay.config import DimseTLSConfig
 from dimse_relay.envelope import ContextProposal, ContextResult
 
 # pynetdicom's DIMSE layer puts every P-DATA primitive of a message on the DUL's unbounded
@@ -138,6 +140,20 @@ def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
         if nr_bytes > limit:
             raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
     return _original_recv(self, nr_bytes)
+
+
+def dimse_tls_context(cfg: DimseTLSConfig) -> ssl.SSLContext:
+    """Server-side TLS for a listener: TLS 1.2+, Python's (OpenSSL's) modern default ciphers,
+    SCU certificates verified against ca_file when one is given."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    if cfg.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(cfg.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def fallback_contexts() -> list[PresentationContext]:

@@ -39,6 +39,7 @@ from dimse_relay.dicom import (
     dataset_offset,
     decode_command,
     decode_dataset,
+    dimse_tls_context,
     encode_command,
     fallback_contexts,
     proposals_from_primitive,
@@ -166,11 +167,21 @@ class ListenerServer:
                 (evt.EVT_ABORTED, self._on_closed, ["abort"]),
                 (evt.EVT_CONN_CLOSE, self._on_closed, ["abort"]),
             ]
-            server = ae.start_server((bind, port), block=False, evt_handlers=handlers)
+            server = ae.start_server(
+                (bind, port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=dimse_tls_context(first.tls) if first.tls else None,
+            )
             self.servers.append(server)
             LOG.info(
                 "listener bound",
-                extra={"bind": bind, "port": port, "ae_titles": sorted(by_aet)},
+                extra={
+                    "bind": bind,
+                    "port": port,
+                    "ae_titles": sorted(by_aet),
+                    "tls": first.tls is not None,
+                },
             )
         threading.Thread(
             target=self._sweep_dead_associations, name="listener-sweeper", daemon=True
