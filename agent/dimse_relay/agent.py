@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dimse_relay import __version__
+from dimse_relay import __version__, systemd
 from dimse_relay.config import AgentConfig
 from dimse_relay.dicom import configure_pynetdicom
 from dimse_relay.health import HealthServer
@@ -127,8 +127,23 @@ class Agent:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
+        systemd.notify("READY=1")
+        systemd.start_watchdog(self.responsive, self._stop)
         self._stop.wait()
+        systemd.notify("STOPPING=1")
         self.stop()
+
+    def responsive(self) -> bool:
+        """The NATS loop runs a no-op within 5 s (a hung loop stops the watchdog pings)."""
+
+        async def noop() -> None:
+            return None
+
+        try:
+            self.transport.call(noop(), 5.0)
+        except Exception:
+            return False
+        return True
 
 
 def run(cfg: AgentConfig) -> None:
