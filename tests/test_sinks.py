@@ -5,6 +5,7 @@ as the direct reference, Orthanc with its DICOMweb plugin as the STOW-RS server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -432,3 +433,426 @@ def test_safe_component() -> None:
     assert safe_component(None) == "unknown"
     assert safe_component("MR NORTH/1") == "MR_NORTH_1"
     assert len(safe_component("9" * 200)) == 64
+
+
+# -- DICOMweb ----------------------------------------------------------------------------------
+def _split_multipart(content_type: str, body: bytes) -> list[bytes]:
+    """The parts of a multipart/related body (the test's own minimal parser)."""
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
+    chunks = body.split(b"--" + boundary)
+    assert chunks[0] == b"" and chunks[-1] == b"--\r\n", (chunks[0][:50], chunks[-1][:50])
+    parts = []
+    for chunk in chunks[1:-1]:
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/dicom" in head
+        assert payload.endswith(b"\r\n")
+        parts.append(payload[:-2])
+    return parts
+
+
+@dataclass
+class StowRequest:
+    path: str
+    headers: dict[str, str]
+    parts: list[bytes]
+    at: float
+
+    def uids(self) -> list[str]:
+        from io import BytesIO
+
+        return [str(pydicom.dcmread(BytesIO(p)).SOPInstanceUID) for p in self.parts]
+
+
+def stow_json(referenced: list[str], failed: dict[str, int] | None = None) -> bytes:
+    doc: dict[str, Any] = {}
+    if referenced:
+        doc["00081199"] = {
+            "vr": "SQ",
+            "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in referenced],
+        }
+    if failed:
+        doc["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {"00081155": {"vr": "UI", "Value": [u]}, "00081197": {"vr": "US", "Value": [r]}}
+                for u, r in failed.items()
+            ],
+        }
+    return json.dumps(doc).encode()
+
+
+class FakeStowServer:
+    """A small STOW-RS server whose answers a test scripts: ``respond(request, index)``
+    returns (HTTP status, body, extra headers). Every request is recorded."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.requests: list[StowRequest] = []
+        self.respond: Any = lambda req, i: (200, stow_json(req.uids()), {})
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_OPTIONS(self) -> None:
+                self._reply(200, b"", {})
+
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                body = self.rfile.read(length)
+                req = StowRequest(
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    _split_multipart(self.headers["Content-Type"], body),
+                    time.monotonic(),
+                )
+                with outer.lock:
+                    outer.requests.append(req)
+                    index = len(outer.requests) - 1
+                code, payload, extra = outer.respond(req, index)
+                self._reply(code, payload, extra)
+
+            def _reply(self, code: int, payload: bytes, extra: dict[str, str]) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://localhost:{self.httpd.server_address[1]}/dicom-web"
+
+    def start(self) -> FakeStowServer:
+        self.thread.start()
+        return self
+
+    def reset(self, respond: Any = None) -> None:
+        with self.lock:
+            self.requests.clear()
+        self.respond = respond or (lambda req, i: (200, stow_json(req.uids()), {}))
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@dataclass
+class WebRelay:
+    edge: AgentProcess
+    cloud: AgentProcess
+    port: int
+    orthanc: Any
+    fake: FakeStowServer
+    fake_tls: FakeStowServer
+    direct: DcmtkStoreSCP
+
+
+@pytest.fixture(scope="module")
+def web_relay(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, nats_server: NatsServer
+) -> Iterator[WebRelay]:
+    from tests.harness.orthanc import Orthanc
+
+    work = tmp_path_factory.mktemp("sinks-web")
+    secrets = work / "secrets"
+    secrets.mkdir()
+    (secrets / "token").write_text("s3cret-token\n")
+    (secrets / "password").write_text("pa55\n")
+    orthanc = Orthanc(work / "orthanc", dicomweb=True)
+    fake = FakeStowServer()
+    fake_tls = FakeStowServer(tls=(pki.server.cert, pki.server.key))
+    direct = DcmtkStoreSCP(work / "direct", "ORTHANCWEB")
+    agents: list[AgentProcess] = []
+    try:
+        orthanc.start()
+        fake.start()
+        fake_tls.start()
+        direct.start()
+        fast = {"max_time_s": 6, "initial_backoff_s": 0.2, "max_backoff_s": 1}
+
+        def web(aet: str, **cfg: Any) -> dict[str, Any]:
+            return {"ae_title": aet, "kind": "dicomweb", "dicomweb": cfg}
+
+        targets = [
+            web("ORTHANCWEB", url=orthanc.dicomweb_url),
+            web("FAKEWEB", url=fake.url, retry=fast),
+            web(
+                "BEARERWEB",
+                url=fake.url,
+                auth={"type": "bearer", "token_file": str(secrets / "token")},
+            ),
+            web(
+                "BASICWEB",
+                url=fake.url,
+                auth={
+                    "type": "basic",
+                    "username": "relay",
+                    "password_file": str(secrets / "password"),
+                },
+            ),
+            web(
+                "BATCHWEB",
+                url=fake.url,
+                retry=fast,
+                batch={"max_instances": 8, "max_bytes": 10_000_000, "linger_s": 0.5},
+            ),
+            web("DOWNWEB", url=f"http://127.0.0.1:{free_port()}/dicom-web", retry=fast),
+            web("TLSWEB", url=fake_tls.url, ca_file=str(pki.ca)),
+            web("UNTRUSTEDWEB", url=fake_tls.url, retry=fast),  # system CAs only
+        ]
+        cloud = AgentProcess(
+            "cloud-web",
+            work / "cloud",
+            {"nats": nats_section(nats_server.url, pki, pki.client("cloud")), "targets": targets},
+        ).start()
+        agents.append(cloud)
+        port = free_port()
+        edge = AgentProcess(
+            "edge-web",
+            work / "edge",
+            {
+                "nats": nats_section(nats_server.url, pki, pki.client("edge")),
+                "listeners": [
+                    {"ae_title": t["ae_title"], "bind": "127.0.0.1", "port": port} for t in targets
+                ],
+            },
+        ).start()
+        agents.append(edge)
+        yield WebRelay(edge, cloud, port, orthanc, fake, fake_tls, direct)
+    finally:
+        for agent in agents:
+            agent.stop()
+        for server in (fake, fake_tls):
+            with contextlib.suppress(Exception):
+                server.stop()
+        direct.stop()
+        orthanc.stop()
+
+
+def _orthanc_instances(orthanc: Any) -> dict[str, str]:
+    """SOP Instance UID -> Orthanc id of every instance Orthanc holds."""
+    out = {}
+    for oid in orthanc.rest("GET", "/instances"):
+        tags = orthanc.rest("GET", f"/instances/{oid}/simplified-tags")
+        out[str(tags["SOPInstanceUID"])] = str(oid)
+    return out
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_dicomweb_orthanc_corpus_and_study(web_relay: WebRelay, tmp_path: Path) -> None:
+    """pydicom's test files (those storescu can send directly to storescp) and a generated
+    study go through a dicomweb target to Orthanc's STOW-RS: each instance Orthanc accepts is
+    held with exactly the dataset bytes storescp stores directly; each it refuses gets a
+    failure status; Orthanc holds exactly the accepted instances."""
+    orthanc = web_relay.orthanc
+    for oid in orthanc.rest("GET", "/instances"):
+        orthanc.rest("DELETE", f"/instances/{oid}")
+    expected: dict[str, bytes] = {}
+    refused = []
+    accepted: list[str] = []
+    for path, ts in corpus():
+        web_relay.direct.clear()
+        opts = storescu_options(ts)
+        direct = storescu(web_relay.direct.port, [path], "ORTHANCWEB", extra=opts)
+        direct_files = web_relay.direct.files()
+        if direct.returncode != 0 or direct.statuses() != ["Success"] or len(direct_files) != 1:
+            continue
+        through = storescu(web_relay.port, [path], "ORTHANCWEB", extra=opts)
+        (answer,) = through.statuses()
+        uid = _sop_uid(direct_files[0])
+        if answer != "Success":
+            assert "Out of Resources" not in answer, f"{path.name}: {through.output[-1500:]}"
+            refused.append((path.name, answer))
+            continue
+        held = _orthanc_instances(orthanc)
+        assert uid in held, path.name
+        got = orthanc.instance_file(held[uid])
+        got_path = tmp_path / "got.dcm"
+        got_path.write_bytes(got)
+        assert dataset_bytes(got_path) == dataset_bytes(direct_files[0]), path.name
+        expected[uid] = got
+        accepted.append(path.name)
+    # the generated study, on one association
+    files = _study(tmp_path, 20, series=2)
+    web_relay.direct.clear()
+    assert storescu(web_relay.direct.port, files, "ORTHANCWEB").statuses() == ["Success"] * 20
+    result = storescu(web_relay.port, files, "ORTHANCWEB")
+    assert result.statuses() == ["Success"] * 20, result.output[-2000:]
+    held = _orthanc_instances(orthanc)
+    for direct_file in web_relay.direct.files():
+        uid = _sop_uid(direct_file)
+        got_path = tmp_path / "got.dcm"
+        got_path.write_bytes(orthanc.instance_file(held[uid]))
+        assert dataset_bytes(got_path) == dataset_bytes(direct_file)
+        expected[uid] = b""
+    assert set(held) == set(expected), (sorted(set(held) ^ set(expected)), refused)
+    # pydicom 3.0 ships 66 files storescu can send (many share a SOP Instance UID); Orthanc
+    # refuses a few it cannot decode (JPEG-LS near-lossless): 0xCxxx, never 0xA700.
+    assert len(accepted) >= 55 and len(refused) <= 10, (accepted, refused)
+    assert len(expected) >= 20 + 30
+
+
+def test_dicomweb_request_body_streams_part10_and_auth(web_relay: WebRelay) -> None:
+    """One instance per request (the default), multipart/related; type=application/dicom,
+    with Content-Length; the part is the Part 10 file with the SCU's dataset bytes; bearer
+    and basic credentials come from their secret files."""
+    fake = web_relay.fake
+    for aet, auth in (
+        ("FAKEWEB", None),
+        ("BEARERWEB", "Bearer s3cret-token"),
+        ("BASICWEB", "Basic cmVsYXk6cGE1NQ=="),
+    ):
+        fake.reset()
+        assert pynetdicom_store(web_relay.port, aet, [CT, CT]) == [0, 0]
+        assert len(fake.requests) == 2
+        req = fake.requests[0]
+        assert req.path == "/dicom-web/studies"
+        assert req.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+        assert "transfer-encoding" not in req.headers
+        assert req.headers.get("authorization") == auth
+        (part,) = req.parts
+        part_path = web_relay.direct.workdir / "part.dcm"
+        part_path.write_bytes(part)
+        assert dataset_bytes(part_path) == dataset_bytes(CT)  # pynetdicom sends it as it is
+        assert pydicom.dcmread(part_path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
+def test_dicomweb_retries_busy_server_with_backoff(web_relay: WebRelay) -> None:
+    """503, 503, then 200: the C-STORE succeeds after two retries with growing waits; a 429
+    with Retry-After is honoured."""
+    fake = web_relay.fake
+    retries_before = web_relay.cloud.metric("dimse_relay_sink_retries_total", kind="dicomweb")
+    fake.reset(lambda req, i: (503, b"", {}) if i < 2 else (200, stow_json(req.uids()), {}))
+    assert pynetdicom_store(web_relay.port, "FAKEWEB", [CT]) == [0]
+    at = [r.at for r in fake.requests]
+    assert len(at) == 3
+    assert 0.09 <= at[1] - at[0] and at[2] - at[1] >= 0.19, at  # 0.2 s, then 0.4 s, +-50 %
+    retries = web_relay.cloud.metric("dimse_relay_sink_retries_total", kind="dicomweb")
+    assert retries == retries_before + 2
+    fake.reset(
+        lambda req, i: (429, b"", {"Retry-After": "1"}) if i == 0 else (200, stow_json([]), {})
+    )
+    assert pynetdicom_store(web_relay.port, "FAKEWEB", [CT]) == [0]
+    assert fake.requests[1].at - fake.requests[0].at >= 0.95
+
+
+def test_dicomweb_failures_map_to_documented_statuses(web_relay: WebRelay) -> None:
+    fake = web_relay.fake
+    uid = _sop_uid(CT)
+    cases = [
+        ((400, b"", {}), 0xC190),  # 0xC000 + HTTP status
+        ((409, b"", {}), 0xC199),
+        ((409, stow_json([], {uid: 0xA900}), {}), 0xA900),  # the instance's Failure Reason
+        ((200, stow_json([], {uid: 0xC122}), {}), 0xC122),
+        ((202, stow_json([], {uid: 0x0110}), {}), 0x0110),
+        ((202, stow_json([uid]), {}), 0x0000),
+        ((415, b"", {}), 0xC19F),
+        ((401, b"", {}), 0xA700),  # credentials: retry later, not a data problem
+        ((302, b"", {"Location": "http://elsewhere/"}), 0x0110),  # never followed
+    ]
+    for answer, expected in cases:
+        fake.reset(lambda req, i, answer=answer: answer)
+        assert pynetdicom_store(web_relay.port, "FAKEWEB", [CT]) == [expected], answer
+        assert len(fake.requests) == 1, answer  # none of these is retried
+
+
+def test_dicomweb_unavailable_server_gives_out_of_resources_in_bounded_time(
+    web_relay: WebRelay,
+) -> None:
+    fake = web_relay.fake
+    fake.reset(lambda req, i: (503, b"", {}))
+    started = time.monotonic()
+    assert pynetdicom_store(web_relay.port, "FAKEWEB", [CT]) == [0xA700]
+    elapsed = time.monotonic() - started
+    assert 4 <= elapsed <= 9, elapsed  # retry.max_time_s is 6
+    assert len(fake.requests) >= 4
+    started = time.monotonic()
+    assert pynetdicom_store(web_relay.port, "DOWNWEB", [CT]) == [0xA700]
+    assert time.monotonic() - started <= 9
+
+
+def test_dicomweb_tls_verification(web_relay: WebRelay) -> None:
+    """https with the configured CA file works; against a certificate no trusted CA signed
+    the store fails with 0xA700 at once (not retried) and nothing reaches the server."""
+    web_relay.fake_tls.reset()
+    assert pynetdicom_store(web_relay.port, "TLSWEB", [CT]) == [0]
+    assert len(web_relay.fake_tls.requests) == 1
+    web_relay.fake_tls.reset()
+    started = time.monotonic()
+    assert pynetdicom_store(web_relay.port, "UNTRUSTEDWEB", [CT]) == [0xA700]
+    assert time.monotonic() - started < 3
+    assert web_relay.fake_tls.requests == []
+
+
+def test_dicomweb_echo_reflects_server_health(web_relay: WebRelay) -> None:
+    from tests.harness.dicom import pynetdicom_echo
+
+    assert pynetdicom_echo(web_relay.port, "ORTHANCWEB")[0] == 0
+    assert pynetdicom_echo(web_relay.port, "DOWNWEB")[0] == 0x0110
+
+
+def test_dicomweb_batches_concurrent_instances_of_a_study(
+    web_relay: WebRelay, tmp_path: Path
+) -> None:
+    """Four modalities send instances of one study at the same time to a target with
+    batching: they share one STOW-RS request, and each C-STORE gets its own instance's
+    verdict (one failed in the response; in a second round the server refuses the whole
+    batch and every instance is sent again on its own to learn its true status)."""
+    fake = web_relay.fake
+    files = _study(tmp_path, 4, series=1)
+    uids = [_sop_uid(f) for f in files]
+    bad = uids[2]
+
+    def answer(req: StowRequest, i: int) -> tuple[int, bytes, dict[str, str]]:
+        got = req.uids()
+        ok = [u for u in got if u != bad]
+        return (202 if bad in got else 200), stow_json(ok, {bad: 0xA900} if bad in got else {}), {}
+
+    def send_concurrently() -> list[list[int | None]]:
+        results: list[list[int | None]] = [[] for _ in files]
+
+        def run(i: int) -> None:
+            results[i] = pynetdicom_store(web_relay.port, "BATCHWEB", [files[i]], calling=f"M{i}")
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(files))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    fake.reset(answer)
+    results = send_concurrently()
+    assert results == [[0], [0], [0xA900], [0]]
+    assert len(fake.requests) == 1 and sorted(fake.requests[0].uids()) == sorted(uids)
+
+    def refuse_batches(req: StowRequest, i: int) -> tuple[int, bytes, dict[str, str]]:
+        if len(req.parts) > 1:
+            return 400, b"", {}
+        return answer(req, i)
+
+    fake.reset(refuse_batches)
+    results = send_concurrently()
+    assert results == [[0], [0], [0xA900], [0]]
+    assert [len(r.parts) for r in fake.requests] == [4, 1, 1, 1, 1]

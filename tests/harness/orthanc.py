@@ -13,21 +13,30 @@ from . import require_executable
 from .ports import free_port, wait_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
+# Debian's orthanc-dicomweb (scripts/bootstrap.sh): STOW-RS/QIDO-RS/WADO-RS under /dicom-web/.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class Orthanc:
     def __init__(
-        self, workdir: Path, ae_title: str = "ORTHANC", modalities: dict[str, Any] | None = None
+        self,
+        workdir: Path,
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, Any] | None = None,
+        dicomweb: bool = False,
     ):
         self.workdir = workdir
         self.ae_title = ae_title
         self.port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
+        self.dicomweb = dicomweb
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
         require_executable(ORTHANC)
+        if self.dicomweb:
+            require_executable(DICOMWEB_PLUGIN)
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "dimse-relay-test",
@@ -46,7 +55,8 @@ class Orthanc:
             "DicomAlwaysAllowMove": True,
             "UnknownSopClassAccepted": True,
             "DicomModalities": self.modalities,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StorageCompression": False,
             "OverwriteInstances": True,
         }
@@ -57,6 +67,10 @@ class Orthanc:
         wait_port(self.http_port, 30, proc=self.proc)
         wait_port(self.port, 30, proc=self.proc)
         return self
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def rest(self, method: str, path: str, data: bytes | None = None) -> Any:
         req = urllib.request.Request(
