@@ -326,6 +326,7 @@ class Bench:
         rates = {mode: median(v) for mode, v in runs.items()}
         self.analysis["small_runs_inst_s"] = runs
         self.scp.clear()
+        bare = self.bare_pynetdicom_rate(files)
         shutil.rmtree(self.work / "small")
         ratio = rates["relay"] / rates["direct"]
         self.rows.append(
@@ -339,6 +340,44 @@ class Bench:
                 ratio >= 0.25,
             )
         )
+        # Reference for the figure above: the listener's own DIMSE stack (pynetdicom, with the
+        # agent's settings) as a plain storage SCP, no relay behind it.
+        self.rows.append(
+            Row(
+                "  same, storescu -> bare pynetdicom SCP (no relay)",
+                "inst/s",
+                rates["direct"],
+                bare,
+                bare / rates["direct"],
+                "-",
+                None,
+            )
+        )
+
+    def bare_pynetdicom_rate(self, files: list[Path]) -> float:
+        """storescu -> an in-process pynetdicom storage SCP configured like a listener."""
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        from dimse_relay.dicom import SOCKET_HANDLERS, configure_pynetdicom
+
+        configure_pynetdicom(False)
+        ae = AE("BAREPY")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        port = free_port()
+        server = ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[*SOCKET_HANDLERS, (evt.EVT_C_STORE, lambda event: 0x0000)],
+        )
+        try:
+            rates = []
+            for rnd in range(REPEATS):
+                result = self.store(port, files, f"small bare pynetdicom #{rnd + 1}", timeout=600)
+                rates.append(len(files) / result.elapsed)
+        finally:
+            server.shutdown()
+        return median(rates)
 
     def bench_large(self, port: int) -> None:
         size = self.params["large_mib"] * MIB
