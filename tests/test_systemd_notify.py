@@ -51,3 +51,32 @@ def test_ready_watchdog_and_stopping_notifications(
     assert received[0] == "READY=1", received
     assert received.count("WATCHDOG=1") >= 3, received
     assert "STOPPING=1" in received, received
+
+
+def test_incomplete_transfers_left_by_a_crash_are_removed_at_start(
+    tmp_path: Path, pki: TestPKI, nats_server: NatsServer
+) -> None:
+    """A killed agent can leave half-written datasets (patient data) in its work_dir; the next
+    start deletes them before serving."""
+    work = tmp_path / "work"
+    for sub in ("incoming", "spool", "retrieved"):
+        (work / sub).mkdir(parents=True)
+        (work / sub / "dataset-left.dcm").write_bytes(b"partial")
+    agent = AgentProcess(
+        "restart",
+        tmp_path,
+        {
+            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
+            "targets": [{"ae_title": "RESTARTSCP", "host": LOOPBACK, "port": 9}],
+        },
+    ).start()
+    try:
+        for sub in ("incoming", "spool", "retrieved"):
+            assert list((work / sub).iterdir()) == [], sub
+        assert any(
+            line.get("msg") == "removed incomplete transfers left by a previous run"
+            and line.get("files") == 3
+            for line in agent.log_lines()
+        )
+    finally:
+        agent.stop()

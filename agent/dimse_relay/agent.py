@@ -30,10 +30,35 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+# Sub-directories of work_dir that only hold DICOM data in transit. Whatever a previous run
+# left there (killed mid-transfer) is incomplete and was never acknowledged as stored.
+TRANSIT_DIRS = ("incoming", "spool", "retrieved")
+
+
+def purge_transit_files(work_dir: Path) -> int:
+    """Delete files left in the transit directories; returns how many."""
+    removed = 0
+    for name in TRANSIT_DIRS:
+        directory = work_dir / name
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed += 1
+    return removed
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         private_dir(cfg.work_dir)
+        leftovers = purge_transit_files(cfg.work_dir)
+        if leftovers:
+            LOG.warning(
+                "removed incomplete transfers left by a previous run", extra={"files": leftovers}
+            )
         # pynetdicom spools incoming C-STORE datasets with tempfile; keep them in work_dir
         # (0700, on the agent's own volume) rather than in the system temp directory.
         tempfile.tempdir = str(private_dir(cfg.work_dir / "incoming"))
