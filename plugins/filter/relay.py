@@ -195,6 +195,55 @@ def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str
     return problems
 
 
+def nats_k8s_dns_names(name: str, namespace: str, domain: str = "cluster.local") -> list[str]:
+    """DNS names a NATS server/route certificate needs in Kubernetes: the client Service
+    <name> and every pod <name>-<i>.<name>-headless, short and fully qualified."""
+    for what, value in (("name", name), ("namespace", namespace), ("domain", domain)):
+        if not value or not re.match(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", str(value)):
+            raise FilterError(f"nats_k8s_dns_names: {what} {value!r} is not a DNS label")
+    out = []
+    for base in (name, f"*.{name}-headless"):
+        out += [base, f"{base}.{namespace}", f"{base}.{namespace}.svc"]
+        out.append(f"{base}.{namespace}.svc.{domain}")
+    return out
+
+
+def nats_k8s_route_urls(
+    name: str, namespace: str, domain: str, replicas: int, port: int = 6222
+) -> list[str]:
+    """tls:// route URL of every StatefulSet pod through the headless Service."""
+    return [
+        f"tls://{name}-{i}.{name}-headless.{namespace}.svc.{domain}:{int(port)}"
+        for i in range(int(replicas))
+    ]
+
+
+def relay_k8s_agent_users(agents: list[dict[str, Any]], namespace: str) -> list[dict[str, str]]:
+    """NATS identity of each Kubernetes agent Deployment: its client certificate is
+    CN=agent.<name>.<namespace>,OU=<site>,O=<org> (relay_client_dn of <name>.<namespace>)."""
+    out = []
+    for agent in agents or []:
+        if "name" not in agent or "site" not in agent:
+            raise FilterError(f"relay_k8s_agent_users: an agent needs name and site: {agent!r}")
+        out.append({"name": f"{agent['name']}.{namespace}", "site": str(agent["site"])})
+    return out
+
+
+def relay_k8s_agent_certs(agents: list[dict[str, Any]], namespace: str) -> list[dict[str, Any]]:
+    """The pki role's certificate entries for the Kubernetes agent Deployments: one client
+    certificate agent-<name> each, subject O=<org>, OU=<site>, CN=agent.<name>.<namespace>."""
+    return [
+        {
+            "name": f"agent-{user['name'].rsplit('.', 1)[0]}",
+            "cn": f"agent.{user['name']}",
+            "eku": ["clientAuth"],
+            "sans": "none",
+            "site": user["site"],
+        }
+        for user in relay_k8s_agent_users(agents, namespace)
+    ]
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
@@ -203,4 +252,8 @@ class FilterModule:
             "relay_client_dn": relay_client_dn,
             "relay_inbox_prefix": relay_inbox_prefix,
             "relay_sites_problems": relay_sites_problems,
+            "nats_k8s_dns_names": nats_k8s_dns_names,
+            "nats_k8s_route_urls": nats_k8s_route_urls,
+            "relay_k8s_agent_users": relay_k8s_agent_users,
+            "relay_k8s_agent_certs": relay_k8s_agent_certs,
         }
