@@ -856,3 +856,133 @@ def test_dicomweb_batches_concurrent_instances_of_a_study(
     results = send_concurrently()
     assert results == [[0], [0], [0xA900], [0]]
     assert [len(r.parts) for r in fake.requests] == [4, 1, 1, 1, 1]
+
+
+# -- Ansible: sink targets in the sites model --------------------------------------------------
+def _filters() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "relay_filters", Path(__file__).resolve().parent.parent / "plugins/filter/relay.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SINK_SITES: dict[str, Any] = {
+    "hospital": {
+        "zone": "edge",
+        "listeners": [
+            {"ae_title": "ARCHIVE", "port": 11112},
+            {"ae_title": "INGEST", "port": 11113},
+        ],
+    },
+    "cloud": {
+        "zone": "cloud",
+        "targets": [
+            {
+                "ae_title": "ARCHIVE",
+                "kind": "dicomweb",
+                "dicomweb": {
+                    "url": "https://archive.example.org/dicom-web",
+                    "auth": {"type": "bearer", "token_file": "/etc/dimse-relay/secrets/archive"},
+                },
+            },
+            {"ae_title": "INGEST", "kind": "filesystem", "filesystem": {"root": "/srv/ingest"}},
+        ],
+    },
+}
+
+
+def test_sites_model_accepts_sink_targets_and_permits_their_events() -> None:
+    relay = _filters()
+    assert relay.relay_sites_problems(SINK_SITES) == []
+    perms = relay.relay_site_permissions(SINK_SITES, "cloud")
+    assert "dimse.v1.events.INGEST.stored" in perms["publish"]["allow"]
+    assert not any("events.ARCHIVE" in s for s in perms["publish"]["allow"])
+    broken = json.loads(json.dumps(SINK_SITES))
+    broken["cloud"]["targets"][1].pop("filesystem")
+    broken["cloud"]["targets"][0]["kind"] = "s3"
+    assert relay.relay_sites_problems(broken) == [
+        "dimse_relay_sites.cloud.targets[0].kind: must be one of ['scp', 'filesystem', 'dicomweb']",
+        "dimse_relay_sites.cloud.targets[1].filesystem: required for kind filesystem",
+    ]
+
+
+def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path) -> None:
+    """The relay_agent role's templates, rendered by ansible for a cloud agent with sink
+    targets: dimse-relay check-config accepts the configuration, the unit makes the
+    filesystem root writable."""
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    ansible = Path(sys.executable).parent / "ansible-playbook"
+    conf = tmp_path / "etc"
+    (conf / "tls").mkdir(parents=True)
+    (conf / "secrets").mkdir()
+    for name in ("ca.crt", "agent.crt", "agent.key"):
+        (conf / "tls" / name).write_text("x")
+    (conf / "secrets" / "archive").write_text("token\n")
+    sites = json.loads(json.dumps(SINK_SITES))
+    sites["cloud"]["targets"][0]["dicomweb"]["auth"]["token_file"] = str(conf / "secrets/archive")
+    playbook = tmp_path / "render.yml"
+    role = repo / "roles/relay_agent"
+    play = [
+        {
+            "hosts": "localhost",
+            "connection": "local",
+            "gather_facts": False,
+            "vars_files": [str(role / "defaults/main.yml"), str(role / "vars/main.yml")],
+            "tasks": [
+                {
+                    "name": "render",
+                    "ansible.builtin.template": {
+                        "src": str(role / f"templates/{src}"),
+                        "dest": str(tmp_path / dest),
+                        "mode": "0600",
+                    },
+                    "loop_control": {"loop_var": "unused"},
+                }
+                for src, dest in (
+                    ("agent.yaml.j2", "agent.yaml"),
+                    ("dimse-relay.service.j2", "unit"),
+                )
+            ],
+        }
+    ]
+    playbook.write_text(yaml.safe_dump(play))
+    extra = tmp_path / "extra.json"  # extra vars: above the role's defaults and vars
+    extra.write_text(
+        json.dumps(
+            {
+                "relay_agent_sites": sites,
+                "relay_agent_site": "cloud",
+                "relay_agent_config_dir": str(conf),
+                "relay_agent_nats_servers": ["tls://nats:4222"],
+            }
+        )
+    )
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1")
+    env["PATH"] = f"{ansible.parent}:{env.get('PATH', '')}"
+    result = subprocess.run(
+        [str(ansible), "-i", "localhost,", "-e", f"@{extra}", str(playbook)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    check = subprocess.run(
+        [str(ansible.parent / "dimse-relay"), "check-config", str(tmp_path / "agent.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
+    rendered = yaml.safe_load((tmp_path / "agent.yaml").read_text())
+    assert [t["kind"] for t in rendered["targets"]] == ["dicomweb", "filesystem"]
+    assert "ReadWritePaths=/srv/ingest\n" in (tmp_path / "unit").read_text()

@@ -37,7 +37,11 @@ TARGET_KEYS = (
     "max_sessions",
     "max_pdu",
     "timeouts",
+    "kind",
+    "filesystem",
+    "dicomweb",
 )
+TARGET_KINDS = ("scp", "filesystem", "dicomweb")
 
 
 class FilterError(ValueError):
@@ -91,6 +95,11 @@ def relay_site_permissions(sites: dict[str, Any], site: str, prefix: str = "dims
     own = {str(t["ae_title"]).strip(" ") for t in spec.get("targets") or []}
     for aet in sorted(own):
         subscribe += [f"{root(aet)}.open", f"{root(aet)}.session.>"]
+    # filesystem sink targets announce every stored instance (docs/sinks.md)
+    for tgt in spec.get("targets") or []:
+        if tgt.get("kind") == "filesystem" and (tgt.get("filesystem") or {}).get("events", True):
+            token = aet_subject_token(str(tgt["ae_title"]))
+            publish.append(f"{prefix}.{SUBJECT_VERSION}.events.{token}.stored")
     for other in sorted(sites):
         if any(_far_aet(lst) in own for lst in (sites[other] or {}).get("listeners") or []):
             publish.append(f"{relay_inbox_prefix(other)}.>")
@@ -174,10 +183,16 @@ def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str
                     problem = _ae_problem(f"{w}.{key}", tgt[key])
                     if problem:
                         problems.append(problem)
-            if not tgt.get("host"):
-                problems.append(f"{w}.host: required")
-            if not isinstance(tgt.get("port"), int):
-                problems.append(f"{w}.port: must be an integer 1-65535")
+            kind = tgt.get("kind", "scp")
+            if kind not in TARGET_KINDS:
+                problems.append(f"{w}.kind: must be one of {list(TARGET_KINDS)}")
+            elif kind == "scp":
+                if not tgt.get("host"):
+                    problems.append(f"{w}.host: required")
+                if not isinstance(tgt.get("port"), int):
+                    problems.append(f"{w}.port: must be an integer 1-65535")
+            elif not isinstance(tgt.get(kind), dict):
+                problems.append(f"{w}.{kind}: required for kind {kind}")
             aet = str(tgt.get("ae_title", "")).strip(" ")
             if aet in served:
                 problems.append(f"{w}.ae_title: AE title {aet!r} is already served by {served[aet]}")
