@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb openssl make debootstrap systemd-container nftables iproute2)
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb openssl make git debootstrap systemd-container nftables iproute2)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
