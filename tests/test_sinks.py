@@ -986,3 +986,31 @@ def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path) -> 
     rendered = yaml.safe_load((tmp_path / "agent.yaml").read_text())
     assert [t["kind"] for t in rendered["targets"]] == ["dicomweb", "filesystem"]
     assert "ReadWritePaths=/srv/ingest\n" in (tmp_path / "unit").read_text()
+
+
+def test_dicomweb_large_instance_is_streamed_from_the_spool_file(
+    web_relay: WebRelay, tmp_path: Path
+) -> None:
+    """A 300 MB instance reaches the STOW-RS server complete (by digest of its part), and the
+    cloud agent's peak RSS stays far below its size: the request body is read from the spool
+    file as it is sent."""
+    from tests.harness.dicom import make_large_instance
+
+    big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
+    # 200 without a body (all stored), so the server does not parse 300 MB to answer; a
+    # target with the default retry budget (40 s) for the whole upload
+    web_relay.fake.reset(lambda req, i: (200, b"", {}))
+    result = storescu(web_relay.port, [big], "BEARERWEB", timeout=300)
+    assert result.statuses() == ["Success"], result.output[-2000:]
+    (req,) = web_relay.fake.requests
+    (part,) = req.parts
+    part_path = tmp_path / "part.dcm"
+    part_path.write_bytes(part)
+    del req, part
+    web_relay.fake.reset()
+    assert (
+        hashlib.sha256(dataset_bytes(part_path)).digest()
+        == hashlib.sha256(dataset_bytes(big)).digest()
+    )
+    rss_mib = web_relay.cloud.peak_rss_kib() / 1024
+    assert rss_mib < 200, f"cloud agent peak RSS {rss_mib:.0f} MiB"
