@@ -201,14 +201,13 @@ def _check_layout(layout: str) -> str:
         parsed = list(string.Formatter().parse(layout))
     except ValueError as exc:
         raise ValueError(f"layout: {exc}") from None
-    for literal, name, spec, conversion in parsed:
+    for _literal, name, spec, conversion in parsed:
         if name is None:
             continue
         if name not in LAYOUT_FIELDS:
             raise ValueError(f"layout: unknown field {{{name}}}; known: {sorted(LAYOUT_FIELDS)}")
         if spec or conversion:
             raise ValueError(f"layout: field {{{name}}} takes no format spec or conversion")
-        del literal
         fields.append(name)
     if "SOPInstanceUID" not in fields:
         raise ValueError("layout: must contain {SOPInstanceUID}")

@@ -331,10 +331,10 @@ class FilesystemSink(Sink):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
         SINK_STORES.labels(kind=self.kind, result="duplicate" if duplicate else "stored").inc()
-        self._event(inst, stored_as, rel, copy, duplicate)
+        self._event(inst, stored_as, copy, duplicate)
         return status(SUCCESS)
 
-    def _event(self, inst: Instance, path: Path, rel: Path, copy: _Copy, duplicate: bool) -> None:
+    def _event(self, inst: Instance, path: Path, copy: _Copy, duplicate: bool) -> None:
         if self.publish is None:
             return
         event = {
@@ -354,7 +354,6 @@ class FilesystemSink(Sink):
             "assoc_id": inst.assoc_id,
             "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        del rel
         try:
             self.publish(self.subject, json.dumps(event, separators=(",", ":")).encode())
             SINK_EVENTS.labels(result="published").inc()
@@ -741,8 +740,11 @@ class DicomwebSink(Sink):
             )
         except Exception:
             study = ""
+        if not study:  # nothing to group by: on its own, without waiting
+            self._send([pending])
+            return
         with self._lock:
-            open_batch = self._open.get(study) if study else None
+            open_batch = self._open.get(study)
             if (
                 open_batch is not None
                 and not open_batch.full
@@ -757,8 +759,7 @@ class DicomwebSink(Sink):
                 mine = open_batch
             else:
                 mine = _Batch([pending], pending.size)
-                if study:
-                    self._open[study] = mine
+                self._open[study] = mine
                 leader = True
             if leader:
                 self._lock.wait_for(lambda: mine.full, timeout=cfg.linger_s)
