@@ -1014,3 +1014,73 @@ def test_dicomweb_large_instance_is_streamed_from_the_spool_file(
     )
     rss_mib = web_relay.cloud.peak_rss_kib() / 1024
     assert rss_mib < 200, f"cloud agent peak RSS {rss_mib:.0f} MiB"
+
+
+def test_site_permissions_let_a_filesystem_target_publish_its_events(
+    tmp_path: Path, pki: TestPKI
+) -> None:
+    """With the NATS permissions the collection renders per site (verify_and_map), a relayed
+    C-STORE reaches a filesystem target, which may publish its stored event."""
+    relay = _filters()
+    root = tmp_path / "ingest"
+    sites = {
+        "hospital": {"zone": "edge", "listeners": [{"ae_title": "INGEST", "port": 1}]},
+        "cloud": {
+            "zone": "cloud",
+            "targets": [
+                {"ae_title": "INGEST", "kind": "filesystem", "filesystem": {"root": str(root)}}
+            ],
+        },
+    }
+    users = [
+        {
+            "user": "CN=edge,O=dimse-relay tests",
+            "permissions": relay.relay_site_permissions(sites, "hospital"),
+        },
+        {
+            "user": "CN=cloud,O=dimse-relay tests",
+            "permissions": relay.relay_site_permissions(sites, "cloud"),
+        },
+        {
+            "user": "CN=tester,O=dimse-relay tests",
+            "permissions": {"subscribe": {"allow": ["dimse.v1.events.>"]}},
+        },
+    ]
+    server = NatsServer(tmp_path / "nats", pki, users=users).start()
+    events = EventCollector(server.url, pki, "dimse.v1.events.>")
+    agents = []
+    try:
+        events.start()
+        cloud = AgentProcess(
+            "cloud-perm",
+            tmp_path / "cloud",
+            {
+                "nats": nats_section(
+                    server.url, pki, pki.client("cloud"), inbox_prefix="_INBOX.cloud"
+                ),
+                "targets": sites["cloud"]["targets"],
+            },
+        ).start()
+        agents.append(cloud)
+        port = free_port()
+        edge = AgentProcess(
+            "edge-perm",
+            tmp_path / "edge",
+            {
+                "nats": nats_section(
+                    server.url, pki, pki.client("edge"), inbox_prefix="_INBOX.hospital"
+                ),
+                "listeners": [{"ae_title": "INGEST", "bind": "127.0.0.1", "port": port}],
+            },
+        ).start()
+        agents.append(edge)
+        assert pynetdicom_store(port, "INGEST", [CT]) == [0]
+        ((subject, event),) = events.wait_for(1)
+        assert subject == "dimse.v1.events.INGEST.stored"
+        assert Path(event["path"]).is_file()
+        assert "ermissions" not in cloud.log_path.read_text()
+    finally:
+        for agent in agents:
+            agent.stop()
+        events.stop()
+        server.stop()
