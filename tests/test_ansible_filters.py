@@ -76,7 +76,10 @@ def test_permissions_follow_the_agents_subjects() -> None:
 def test_a_site_without_peers_gets_nothing_it_does_not_need() -> None:
     other = relay.relay_site_permissions(SITES, "other", "dimse")
     assert other["publish"] == {"deny": [">"]}
+    # A target-only site still needs its own reply inbox: the agent's target side makes NATS
+    # requests too (a real target-only agent was refused "_INBOX.<site>.<id>.*" and went unready).
     assert other["subscribe"]["allow"] == [
+        "_INBOX.other.>",
         "dimse.v1.aet.OTHER.open",
         "dimse.v1.aet.OTHER.session.>",
     ]

@@ -322,3 +322,259 @@ def test_host_nats_conf_unchanged_by_the_shared_template(tmp_path: Path, invento
     assert sorted(p.name for p in out.iterdir()) == names
     _match, mismatch, errors = filecmp.cmpfiles(golden, out, names, shallow=False)
     assert mismatch == [] and errors == [], (mismatch, errors)
+
+
+# --- The rendered objects, run for real ---------------------------------------------------------
+#
+# Three nats-server processes on loopback run the nats.conf the ConfigMap carries, with the TLS
+# files laid out as the StatefulSet's projected volume mounts them, started with the
+# container's args and environment (POD_NAME, SERVER_NAME=$(POD_NAME)). Pod DNS names and the
+# shared ports become localhost and distinct ports through the role variables a user would set
+# (nats_k8s_*_port, nats_k8s_route_urls, the mount paths): one render per node. Two agents run
+# the agent.yaml of their ConfigMaps with their Secrets, and a study is relayed through them.
+
+LOOP_AET = "LOOPSCP"
+SCP_FILES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")
+
+
+def _pod_env(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The container's environment as the kubelet builds it ($(VAR) references expanded)."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, var
+            env[var["name"]] = pod_name
+        else:
+            value = var["value"]
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[var["name"]] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory: pytest.TempPathFactory):
+    import os
+    import subprocess
+
+    import pydicom.data
+    from tests.harness import NATS_SERVER, require_executable
+    from tests.harness.agents import AgentProcess
+    from tests.harness.dicom import DcmtkStoreSCP
+    from tests.harness.k8s import write_mounts
+    from tests.harness.ports import free_port, wait_port
+
+    require_executable(NATS_SERVER)
+    work = tmp_path_factory.mktemp("k8s-loop")
+    scp = DcmtkStoreSCP(work / "scp", LOOP_AET).start()
+    direct = DcmtkStoreSCP(work / "direct", LOOP_AET).start()
+    listen_port = free_port()
+    inventory = work / "inventory"
+    (inventory / "group_vars/all").mkdir(parents=True)
+    (inventory / "hosts.yml").write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "children": {
+                        "k8s_cloud": {
+                            "hosts": {
+                                "k8s-test": {
+                                    "ansible_connection": "local",
+                                    "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        )
+    )
+    (inventory / "group_vars/all/main.yml").write_text(
+        yaml.safe_dump(
+            {
+                "pki_dir": str(work / "pki"),
+                # the pods' names are localhost here; a user adds a public name the same way
+                "pki_server_extra_sans": ["DNS:localhost", "IP:127.0.0.1"],
+                "dimse_relay_k8s_namespace": "relay-test",
+                "dimse_relay_k8s_agents": [
+                    {"name": "edge", "site": "edge", "replicas": 1},
+                    {"name": "cloud", "site": "cloud", "replicas": 1},
+                ],
+                "dimse_relay_sites": {
+                    "edge": {
+                        "zone": "edge",
+                        "listeners": [{"ae_title": LOOP_AET, "port": listen_port}],
+                    },
+                    "cloud": {
+                        "zone": "cloud",
+                        "targets": [{"ae_title": LOOP_AET, "host": "127.0.0.1", "port": scp.port}],
+                    },
+                },
+                "nats_k8s_edge_access": "loadbalancer",
+                "nats_k8s_jetstream_max_file_store": "256M",
+                "nats_k8s_jetstream_max_memory_store": "64M",
+            }
+        )
+    )
+    result = run_playbook(inventory, "playbooks/pki.yml", {}, work / "tmp")
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    nodes = [
+        {k: free_port() for k in ("client", "cluster", "monitor", "leafnode")} for _ in range(3)
+    ]
+    routes = [f"tls://localhost:{n['cluster']}" for n in nodes]
+    servers = [f"tls://localhost:{n['client']}" for n in nodes]
+    agent_names = ["edge", "cloud", "edge"]  # node i's render also lays out this agent's pod
+
+    def render(i: int) -> Path:
+        pod = work / f"nats-{i}"
+        out = work / f"render-{i}"
+        extra = render_cmd_extra(
+            out,
+            work / "pki",
+            {
+                "nats_k8s_client_port": nodes[i]["client"],
+                "nats_k8s_cluster_port": nodes[i]["cluster"],
+                "nats_k8s_monitor_port": nodes[i]["monitor"],
+                "nats_k8s_leafnode_port": nodes[i]["leafnode"],
+                "nats_k8s_route_urls": routes,
+                "nats_k8s_config_dir": str(pod / "config"),
+                "nats_k8s_tls_dir": str(pod / "tls"),
+                "nats_k8s_data_dir": str(pod / "data"),
+                "nats_k8s_pid_dir": str(pod / "run"),
+                "relay_agent_k8s_nats_servers": servers,
+                "relay_agent_k8s_tls_dir": str(work / f"agent-{agent_names[i]}" / "tls"),
+                "relay_agent_k8s_work_dir": str(work / f"agent-{agent_names[i]}" / "work"),
+            },
+        )
+        res = run_playbook(inventory, "playbooks/k8s.yml", extra, work / f"tmp-{i}")
+        assert res.returncode == 0, res.stdout[-4000:]
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        outs = list(pool.map(render, range(3)))
+
+    procs: list[subprocess.Popen[bytes]] = []
+    agents: list[AgentProcess] = []
+    try:
+        for i, out in enumerate(outs):
+            objs = objects(out)
+            sts = one(objs, "StatefulSet", "nats")
+            pod_spec = sts["spec"]["template"]["spec"]
+            container = pod_spec["containers"][0]
+            volumes = {v["name"]: v for v in pod_spec["volumes"]}
+            mounts = {m["name"]: Path(m["mountPath"]) for m in container["volumeMounts"]}
+            config = one(objs, "ConfigMap", volumes["config"]["configMap"]["name"])
+            mounts["config"].mkdir(parents=True)
+            for key, text in config["data"].items():
+                (mounts["config"] / key).write_text(text)
+            write_mounts(volumes["tls"], objs, mounts["tls"])
+            mounts["pid"].mkdir(parents=True)
+            mounts["data"].mkdir(parents=True)
+            env = {**os.environ, **_pod_env(container, f"nats-{i}")}
+            check = subprocess.run(
+                [str(NATS_SERVER), "-t", *container["args"]],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert check.returncode == 0, check.stderr + check.stdout
+            log = (work / f"nats-{i}.log").open("ab")
+            procs.append(
+                subprocess.Popen(
+                    [str(NATS_SERVER), *container["args"]], stdout=log, stderr=log, env=env
+                )
+            )
+        for node, proc in zip(nodes, procs, strict=True):
+            wait_port(node["client"], 15, proc=proc)
+            wait_port(node["monitor"], 15, proc=proc)
+
+        for i, name in ((0, "edge"), (1, "cloud")):
+            objs = objects(outs[i])
+            deploy = one(objs, "Deployment", f"dimse-relay-{name}")
+            pod_spec = deploy["spec"]["template"]["spec"]
+            container = pod_spec["containers"][0]
+            volumes = {v["name"]: v for v in pod_spec["volumes"]}
+            mounts = {m["name"]: Path(m["mountPath"]) for m in container["volumeMounts"]}
+            write_mounts(volumes["tls"], objs, mounts["tls"])
+            agent_yaml = one(objs, "ConfigMap", volumes["config"]["configMap"]["name"])
+            config = yaml.safe_load(agent_yaml["data"]["agent.yaml"])
+            check = subprocess.run(
+                [str(REPO / ".venv/bin/dimse-relay"), "check-config", "/dev/stdin"],
+                input=agent_yaml["data"]["agent.yaml"],
+                capture_output=True,
+                text=True,
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
+            # AgentProcess gives each agent its own loopback HTTP port and work dir (two
+            # "pods" share this machine); NATS, TLS, listeners and targets are the ConfigMap's.
+            keep = {k: v for k, v in config.items() if k not in ("http", "work_dir")}
+            agents.append(AgentProcess(f"k8s-{name}", work / f"agent-{name}", keep).start())
+        yield {
+            "nodes": nodes,
+            "procs": procs,
+            "agents": agents,
+            "scp": scp,
+            "direct": direct,
+            "port": listen_port,
+            "files": [Path(pydicom.data.get_testdata_file(f)) for f in SCP_FILES],
+            "work": work,
+        }
+    finally:
+        for agent in agents:
+            agent.stop()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        scp.stop()
+        direct.stop()
+
+
+def test_configmap_nats_conf_forms_a_cluster(loopback) -> None:
+    import json
+    import urllib.request
+
+    names = set()
+    for node in loopback["nodes"]:
+        base = f"http://127.0.0.1:{node['monitor']}"
+        for _ in range(100):
+            with urllib.request.urlopen(f"{base}/routez", timeout=2) as rsp:
+                routez = json.loads(rsp.read())
+            if {r.get("remote_name") for r in routez.get("routes") or []} >= {
+                f"nats-{i}" for i in range(3)
+            } - {routez["server_name"]}:
+                break
+            import time
+
+            time.sleep(0.1)
+        names.add(routez["server_name"])
+        peers = {r.get("remote_name") for r in routez["routes"]}
+        assert peers == {f"nats-{i}" for i in range(3)} - {routez["server_name"]}, routez
+        with urllib.request.urlopen(f"{base}/varz", timeout=2) as rsp:
+            varz = json.loads(rsp.read())
+        assert varz["cluster"]["tls_required"] and varz["cluster"]["tls_verify"]
+        assert varz["tls_verify"] is True
+    assert names == {"nats-0", "nats-1", "nats-2"}  # server_name: $SERVER_NAME from the pod
+
+
+def test_study_relayed_through_the_rendered_cluster(loopback) -> None:
+    from tests.harness.dicom import dataset_bytes, storescu
+
+    files = loopback["files"]
+    direct = storescu(loopback["direct"].port, files, LOOP_AET)
+    assert direct.statuses() == ["Success"] * len(files), direct.output[-2000:]
+    through = storescu(loopback["port"], files, LOOP_AET)
+    assert through.returncode == 0, through.output[-2000:]
+    assert through.statuses() == ["Success"] * len(files), through.output[-2000:]
+    relayed = loopback["scp"].files()
+    expected = loopback["direct"].files()
+    assert [p.name for p in relayed] == [p.name for p in expected]
+    for got, want in zip(relayed, expected, strict=True):
+        assert dataset_bytes(got) == dataset_bytes(want), got.name
+    # the agents authenticated as their Deployments' certificate subjects (verify_and_map)
+    for agent in loopback["agents"]:
+        code, body = agent.http_get("/readyz")
+        assert code == 200, (agent.name, body, agent.log_tail())

@@ -90,9 +90,11 @@ def relay_site_permissions(sites: dict[str, Any], site: str, prefix: str = "dims
     listeners = spec.get("listeners") or []
     for lst in listeners:
         publish += [f"{root(_far_aet(lst))}.open", f"{root(_far_aet(lst))}.session.>"]
-    if listeners:
-        subscribe.append(f"{relay_inbox_prefix(site)}.>")
     own = {str(t["ae_title"]).strip(" ") for t in spec.get("targets") or []}
+    # The reply inbox of the site itself: listeners wait for replies there, and so do targets
+    # (the agent's NATS requests, e.g. flow-control acknowledgements, reply below it).
+    if listeners or own:
+        subscribe.append(f"{relay_inbox_prefix(site)}.>")
     for aet in sorted(own):
         subscribe += [f"{root(aet)}.open", f"{root(aet)}.session.>"]
     # filesystem sink targets announce every stored instance (docs/sinks.md)
