@@ -303,8 +303,11 @@ class FilesystemSink(Sink):
                 else:
                     # keep_both: the other version is named after its content, so sending it
                     # again is a no-op as well.
+                    tag = copy.dataset_sha256[:16]
                     stored_as = final.with_name(
-                        f"{final.stem}.{copy.dataset_sha256[:16]}{final.suffix}"
+                        f"{final.stem}.{tag}.dcm"
+                        if final.suffix.lower() == ".dcm"
+                        else f"{final.name}.{tag}"
                     )
                     if not self._link(tmp, stored_as):
                         if not self._same(stored_as, copy):
@@ -621,10 +624,14 @@ class DicomwebSink(Sink):
     def check(self) -> str | None:
         """C-ECHO: the server answers at all, and not with 'credentials refused'."""
         try:
+            auth = self._auth_header()
+        except OSError:
+            return "secret file unreadable"
+        try:
             rsp = self.client.request(
                 "OPTIONS",
                 self.stow_url,
-                headers=self._auth_header(),
+                headers=auth,
                 timeout=min(self.cfg.timeout_s, 10.0),
             )
         except Exception as exc:
@@ -646,10 +653,15 @@ class DicomwebSink(Sink):
             attempt += 1
             remaining = deadline - time.monotonic()
             wait = min(backoff, retry.max_backoff_s) * (0.5 + random.random() / 2)  # noqa: S311
+            try:
+                auth = self._auth_header()
+            except OSError:
+                LOG.warning("DICOMweb secret file unreadable", extra=log_extra)
+                return _Outcome(None, comment="dicomweb: secret file unreadable")
             headers = {
                 "Content-Type": body.content_type,
                 "Content-Length": str(body.length),
-                **self._auth_header(),
+                **auth,
             }
             try:
                 with self.client.stream(
