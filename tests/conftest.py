@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.harness import kill_leftovers
 from tests.harness.agents import AgentProcess, nats_section
 from tests.harness.dicom import DcmtkStoreSCP, PynetdicomSCP
 from tests.harness.nats import NatsServer
@@ -18,6 +19,11 @@ ODD_AET = "AI.SEG*>1 X"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Nothing a test started outlives the run, even when a fixture failed half-way."""
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

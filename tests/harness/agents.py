@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from . import DIMSE_RELAY, LOOPBACK, require_executable
+from . import DIMSE_RELAY, LOOPBACK, require_executable, spawn
 from .pki import CertFiles, TestPKI
 from .ports import free_port
 
@@ -54,7 +54,7 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [str(DIMSE_RELAY), "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,

@@ -16,7 +16,7 @@ from pydicom.filereader import read_preamble
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from . import ECHOSCU, LOOPBACK, STORESCP, STORESCU, require_executable
+from . import ECHOSCU, LOOPBACK, STORESCP, STORESCU, require_executable, spawn
 from .ports import free_port, wait_port
 
 # DCMTK honours TCP_NODELAY from the environment; without it every small PDU waits for Nagle.
@@ -50,7 +50,7 @@ class DcmtkStoreSCP:
         require_executable(STORESCP)
         self.out.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 str(STORESCP),
                 "-v",

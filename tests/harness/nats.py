@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import LOOPBACK, NATS_SERVER, require_executable
+from . import LOOPBACK, NATS_SERVER, require_executable, spawn
 from .pki import TestPKI
 from .ports import free_port, port_open, wait_port
 
@@ -83,9 +83,7 @@ class NatsServer:
         if check.returncode != 0:
             raise RuntimeError(f"nats-server config invalid: {check.stderr or check.stdout}")
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [str(NATS_SERVER), "-c", str(self.config_path)], stdout=log, stderr=log
-        )
+        self.proc = spawn([str(NATS_SERVER), "-c", str(self.config_path)], stdout=log, stderr=log)
         wait_port(self.port, 10, proc=self.proc)
         wait_port(self.http_port, 10, proc=self.proc)
         return self

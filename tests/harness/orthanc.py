@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import require_executable
+from . import require_executable, spawn
 from .ports import free_port, wait_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -63,7 +63,7 @@ class Orthanc:
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=1))
         log = (self.workdir / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen([str(ORTHANC), str(cfg)], stdout=log, stderr=log)
+        self.proc = spawn([str(ORTHANC), str(cfg)], stdout=log, stderr=log)
         wait_port(self.http_port, 30, proc=self.proc)
         wait_port(self.port, 30, proc=self.proc)
         return self
