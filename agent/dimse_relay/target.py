@@ -811,6 +811,8 @@ class TargetServer:
                     await session.close("release")
 
     async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for session in list(self.sessions.values()):
             await session.close("release")
         for sink in self.sinks.values():
