@@ -655,9 +655,10 @@ class ListenerServer:
             LOG.warning(
                 "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
             )
-            finished = True
             yield self._failure_status(service, exc.failure), None
         finally:
+            # Without a final response the far operation may still run (we timed out, the
+            # SCU went away, pynetdicom stopped asking): cancel it there too.
             if not finished and not cancel_sent:
                 # The SCU went away or pynetdicom stopped asking: stop the far operation too.
                 self._publish_cancel(subject, op_id)

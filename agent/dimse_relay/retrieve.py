@@ -95,8 +95,15 @@ class Retrieved:
                 return
             assert self.final is not None
             far_failed = self._far_failed()
-            total = len(self.instances) + far_failed
             code = int(self.final.Status)
+            total = len(self.instances) + far_failed
+            if code != 0x0000:
+                # A retrieve that ended in a warning, failure or cancel (also one the relay
+                # cut short) must keep at least one sub-operation open when its final status
+                # is yielded: pynetdicom ignores yields after the last sub-operation and would
+                # report Success for the instances that did arrive.
+                remaining = int(self.final.get("NumberOfRemainingSuboperations", 0) or 0)
+                total = len(self.instances) + max(1, far_failed + remaining)
             if total == 0:
                 if code == 0x0000:
                     yield 0

@@ -84,10 +84,14 @@ async def await_response(replies: asyncio.Queue[Any], op_id: int, timeout_s: flo
             raise StreamAborted(header.reason, header.comment)
         if isinstance(header, ResponseHeader):
             try:
-                return decode_command(body[: header.command_length])
+                status = decode_command(body[: header.command_length])
             except Exception:
                 metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
                 raise StreamAborted("protocol", "undecodable response") from None
+            if "Status" not in status:
+                metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+                raise StreamAborted("protocol", "response without a status")
+            return status
 
 
 async def send_dataset(
@@ -155,6 +159,7 @@ class SpooledDataset:
         self.reply = reply
         self.next_seq = 0
         self.received = 0
+        self._io_error = False
         self._digest = hashlib.sha256()
         fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".dcm", dir=spool_dir)
         self.path = Path(name)
@@ -171,7 +176,13 @@ class SpooledDataset:
             raise
 
     def add(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
+        if self._io_error:
+            return
+        try:
+            self._fh.write(data)
+        except OSError:  # disk full, I/O error: reported by add_chunk / finish as "io_error"
+            self._io_error = True
+            return
         self._digest.update(data)
         self.received += len(data)
         metrics.BYTES.labels(direction="received").inc(len(data))
@@ -187,16 +198,24 @@ class SpooledDataset:
     def add_chunk(self, chunk: ChunkHeader, body: memoryview) -> str | None:
         """Append one chunk; a metric reason if it was rejected (the spool is discarded)."""
         why = self.check_chunk(chunk, len(body))
+        if why is None:
+            self.add(body)
+            why = "io_error" if self._io_error else None
         if why is not None:
             self.discard()
             return why
-        self.add(body)
         self.next_seq += 1
         return None
 
     def finish(self, digest: str | None) -> str | None:
         """Close the file; a metric reason if length or digest are wrong (then discarded)."""
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            self._io_error = True
+        if self._io_error:
+            self.discard()
+            return "io_error"
         if self.received != self.request.dataset_length:
             self.discard()
             return "length_mismatch"

@@ -461,7 +461,10 @@ class TargetSession:
             self.server.transport.loop,
         )
         try:
-            status = future.result(self.cfg.timeouts.dimse_s)
+            # Each chunk has its own acknowledgement timeout; the whole instance gets a budget
+            # that grows with its size (as on the listener side), not one dimse_s in all.
+            chunks = request.dataset_length // self.server.transport.chunk_size
+            status = future.result(self.cfg.timeouts.dimse_s * (2 + chunks))
         except Exception as exc:
             future.cancel()  # stop publishing chunks nobody will acknowledge
             LOG.warning(
@@ -588,6 +591,9 @@ class TargetSession:
         self.uploads.clear()
         try:
             up = SpooledDataset(hdr, command, self.server.spool_dir, reply)
+        except OSError:
+            await self._reply_error(reply, hdr.op_id, "unavailable", "cannot spool the dataset")
+            return
         except Exception:
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE command set")
             return
@@ -613,7 +619,9 @@ class TargetSession:
             metrics.WIRE_REJECTED.labels(reason=why).inc()
             LOG.warning("chunk rejected", extra={**self.log_extra, "why": why})
             self.uploads.pop(hdr.op_id, None)
-            await self._reply_error(up.reply, hdr.op_id, "protocol", f"chunk {why}")
+            # A local disk problem is "out of resources" for the SCU, not a protocol error.
+            reason = "unavailable" if why == "io_error" else "protocol"
+            await self._reply_error(up.reply, hdr.op_id, reason, f"chunk {why}")
             return
         if hdr.final:
             self.uploads.pop(hdr.op_id)
@@ -627,7 +635,8 @@ class TargetSession:
         why = up.finish(digest)
         if why is not None:
             metrics.WIRE_REJECTED.labels(reason=why).inc()
-            await self._reply_error(up.reply, up.request.op_id, "protocol", f"dataset {why}")
+            reason = "unavailable" if why == "io_error" else "protocol"
+            await self._reply_error(up.reply, up.request.op_id, reason, f"dataset {why}")
             return
 
         def store() -> Dataset:
@@ -767,8 +776,13 @@ class TargetServer:
             await self.transport.publish(reply, envelope.encode(result))
             return
         session = TargetSession(self, tcfg, hdr)
-        session.sub = await self.transport.subscribe(session.subject, session.on_message)
+        # Counted before the first await, so concurrent OPENs cannot exceed max_sessions.
         self.sessions[session.session_id] = session
+        try:
+            session.sub = await self.transport.subscribe(session.subject, session.on_message)
+        except Exception:
+            await session.close("abort")
+            raise
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:

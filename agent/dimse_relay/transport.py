@@ -240,17 +240,20 @@ class NatsTransport:
         self._server_max_payload = int(nc.max_payload or 0)
         try:
             self._check_tls(nc)
-        except InsecureServer:
+            await nc.subscribe(f"{self.replies.inbox_root}.*", cb=self.replies.dispatch)
+            self.refused_subjects.clear()  # a new connection: refusals are reported anew
+            metrics.NATS_CONNECTED.set(1)
+            self._connected.set()
+            LOG.info("NATS connected", extra={"server": self.server_url})
+            for callback in self._on_connect:
+                await callback()
+        except BaseException:
+            # Never leave a half-set-up connection reconnecting in the background while the
+            # next attempt opens another one.
             self.nc = None
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise
-        await nc.subscribe(f"{self.replies.inbox_root}.*", cb=self.replies.dispatch)
-        self.refused_subjects.clear()  # a new connection: refusals are reported anew
-        metrics.NATS_CONNECTED.set(1)
-        self._connected.set()
-        LOG.info("NATS connected", extra={"server": self.server_url})
-        for callback in self._on_connect:
-            await callback()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
