@@ -161,3 +161,20 @@ def test_listener_tls_config_checks(tmp_path: Path) -> None:
             {},
         )
     assert any("must have the same tls settings" in e for e in err.value.errors)
+
+
+def test_config_rejects_ports_that_cannot_both_be_bound() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(base_config(listeners=[{"ae_title": "A", "port": 9102}]), {})
+    assert any("http.port 9102 is also a listener port" in e for e in err.value.errors)
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            base_config(
+                listeners=[
+                    {"ae_title": "A", "port": 104},
+                    {"ae_title": "B", "port": 104, "bind": "127.0.0.1"},
+                ]
+            ),
+            {},
+        )
+    assert any("bound both on all addresses" in e for e in err.value.errors)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "DIMSE_RELAY_"
+_ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})  # noqa: S104 - compared with, never bound
 
 
 def _check_ae_title(value: str) -> str:
@@ -457,6 +458,17 @@ class AgentConfig(_Strict):
                     f"{lst.bind}:{lst.port}"
                 )
             seen.add(key)
+        binds_by_port: dict[int, set[str]] = {}
+        for lst in self.listeners:
+            binds_by_port.setdefault(lst.port, set()).add(lst.bind)
+        for port, binds in binds_by_port.items():
+            if len(binds) > 1 and binds & _ALL_ADDRESSES:
+                raise ValueError(
+                    f"listeners: port {port} is bound both on all addresses and on "
+                    f"{sorted(binds - _ALL_ADDRESSES)}: the second bind cannot succeed"
+                )
+        if self.http.enabled and self.http.port in binds_by_port:
+            raise ValueError(f"http.port {self.http.port} is also a listener port")
         tls_by_port: dict[tuple[str, int], DimseTLSConfig | None] = {}
         for idx, lst in enumerate(self.listeners):
             first = tls_by_port.setdefault((lst.bind, lst.port), lst.tls)
