@@ -239,3 +239,16 @@ def test_negotiation_mirrors_what_the_real_scp_accepts(relay: Relay) -> None:
     direct = negotiate(relay.ct_only_scp.port)
     assert direct[0] == [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)]
     assert negotiate(relay.port) == direct
+
+
+def test_no_ae_titles_or_association_ids_in_info_logs(relay: Relay) -> None:
+    """At the default info level, log lines carry no AE titles, association ids or subjects
+    (they are written only at debug level)."""
+    for agent in (relay.edge, relay.cloud):
+        lines = agent.log_lines()
+        assert lines
+        for line in lines:
+            assert not {"assoc_id", "listener", "target", "ae_titles", "subject"} & line.keys()
+        text = agent.log_path.read_text()
+        for aet in ("CLOUDSCP", "STATUSSCP", "CTONLY", "MODALITY_7", "~2E"):
+            assert aet not in text, (agent.name, aet)

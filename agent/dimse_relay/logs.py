@@ -29,6 +29,28 @@ REDACTED_TAGS = (
 _REDACT = re.compile(r"(\((?:" + "|".join(REDACTED_TAGS) + r")\) [A-Z]{2} )\[[^\]\n]*\]", re.I)
 
 
+# Structured fields that identify an association, a peer or an instance: association ids, AE
+# titles (and NATS subjects, which contain them), SOP Instance UIDs, file paths of stored
+# instances. They are written only when the agent logs at debug level.
+IDENTIFYING_FIELDS = frozenset(
+    {"assoc_id", "listener", "target", "ae_titles", "subject", "sop_instance_uid", "path"}
+)
+
+
+class IdentifierFilter(logging.Filter):
+    """Drops IDENTIFYING_FIELDS from records unless debug logging is on."""
+
+    def __init__(self, debug: bool):
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.debug:
+            for key in IDENTIFYING_FIELDS & vars(record).keys():
+                delattr(record, key)
+        return True
+
+
 class RedactingFilter(logging.Filter):
     """Replaces the values of REDACTED_TAGS in a record's message with [redacted]."""
 
@@ -75,6 +97,7 @@ class TextFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str, agent: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(IdentifierFilter(debug=level == "debug"))
     handler.setFormatter(JsonFormatter(agent) if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
