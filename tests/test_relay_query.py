@@ -18,7 +18,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from tests.harness import LOOPBACK
 from tests.harness.agents import AgentProcess, nats_section
-from tests.harness.dicom import PynetdicomFindSCP
+from tests.harness.dicom import PynetdicomFindSCP, dcmtk_query
 from tests.harness.nats import NatsServer
 from tests.harness.pki import TestPKI
 from tests.harness.ports import free_port
@@ -138,36 +138,17 @@ def test_cancel_reaches_the_real_scp_and_the_scu_gets_its_cancel_status(
 
 
 def test_find_with_dcmtk_findscu(find_rig: FindRig, tmp_path: Path) -> None:
-    import subprocess
-
-    from tests.harness.dicom import DCMTK_ENV
-
     find_rig.scp.matches = 25
     find_rig.scp.delay_s = 0
-    proc = subprocess.run(
-        [
-            "/usr/bin/findscu",
-            "-v",
-            "-S",
-            "-aet",
-            "DCMTKFIND",
-            "-aec",
-            "FINDSCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "PatientName=*",
-            "-k",
-            "StudyInstanceUID",
-            LOOPBACK,
-            str(find_rig.port),
-        ],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
+    result = dcmtk_query(
+        "findscu",
+        find_rig.port,
+        "FINDSCP",
+        "DCMTKFIND",
+        ["QueryRetrieveLevel=STUDY", "PatientName=*", "StudyInstanceUID"],
         timeout=60,
     )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = result.output
+    assert result.returncode == 0, out
     assert out.count("(Pending)") == 25, out[-2000:]
     assert "Received Final Find Response (Success)" in out, out[-2000:]

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from tests.harness import LOOPBACK
 from tests.harness.agents import AgentProcess, nats_section
-from tests.harness.dicom import DcmtkStoreSCP, dataset_bytes
+from tests.harness.dicom import DcmtkStoreSCP, dataset_bytes, dcmtk_query
 from tests.harness.nats import NatsServer
 from tests.harness.orthanc import Orthanc
 from tests.harness.pki import TestPKI
@@ -178,36 +178,17 @@ def test_move_to_unknown_destination_is_a801(rig: RetrieveRig) -> None:
 
 
 def test_move_with_dcmtk_movescu(rig: RetrieveRig) -> None:
-    import subprocess
-
-    from tests.harness.dicom import DCMTK_ENV
-
     rig.relay_dest.clear()
-    proc = subprocess.run(
-        [
-            "/usr/bin/movescu",
-            "-v",
-            "-S",
-            "-aet",
-            "DCMTKMOVE",
-            "-aec",
-            "PACS",
-            "-aem",
-            "DESTSCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={rig.study_uid}",
-            LOOPBACK,
-            str(rig.port),
-        ],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
-        timeout=120,
+    result = dcmtk_query(
+        "movescu",
+        rig.port,
+        "PACS",
+        "DCMTKMOVE",
+        ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={rig.study_uid}"],
+        extra=["-aem", "DESTSCP"],
     )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = result.output
+    assert result.returncode == 0, out
     assert "Received Final Move Response (Success)" in out, out[-3000:]
     assert len(rig.relay_dest.files()) == STUDY_SIZE
 

@@ -139,6 +139,23 @@ def echoscu(port: int, called: str, calling: str = "MODALITY", timeout: float = 
     return _run([str(ECHOSCU), "-v", "-aet", calling, "-aec", called, LOOPBACK, str(port)], timeout)
 
 
+def dcmtk_query(
+    tool: str,
+    port: int,
+    called: str,
+    calling: str,
+    keys: list[str],
+    extra: list[str] | None = None,
+    timeout: float = 120,
+) -> ScuResult:
+    """DCMTK findscu/movescu/getscu (by absolute path) with -S (Study Root) and -k keys."""
+    path = require_executable(Path("/usr/bin") / tool)
+    cmd = [str(path), "-v", "-S", "-aet", calling, "-aec", called, *(extra or [])]
+    for key in keys:
+        cmd += ["-k", key]
+    return _run([*cmd, LOOPBACK, str(port)], timeout)
+
+
 @dataclass
 class PynetdicomSCP:
     """A pynetdicom storage SCP in this process, storing raw dataset bytes as received.
