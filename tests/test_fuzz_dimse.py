@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from tests.harness import LOOPBACK
-from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.agents import AgentProcess, nats_section, relay_pair
 from tests.harness.dicom import DcmtkStoreSCP, PynetdicomSCP, dataset_bytes, storescu
 from tests.harness.nats import NatsServer
 from tests.harness.pki import TestPKI
@@ -465,24 +465,14 @@ def test_association_closed_during_open_leaks_no_session(
     SCP are closed at once, and the listener's gauge comes back down."""
     called = "FUZZRACE"
     scp = PynetdicomSCP(called).start()
-    cloud = AgentProcess(
-        "fuzz-race-cloud",
-        tmp_path / "cloud",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
-            "targets": [{"ae_title": called, "host": LOOPBACK, "port": scp.port}],
-        },
-    )
-    port = free_port()
-    edge = AgentProcess(
-        "fuzz-race-edge",
-        tmp_path / "edge",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("edge")),
-            "listeners": [
-                {"ae_title": called, "bind": LOOPBACK, "port": port, "timeouts": LISTENER_TIMEOUTS}
-            ],
-        },
+    cloud, edge, port = relay_pair(
+        tmp_path,
+        nats_server.url,
+        pki,
+        called,
+        scp.port,
+        name="fuzz-race",
+        listener={"timeouts": LISTENER_TIMEOUTS},
     )
     try:
         cloud.start()
@@ -507,24 +497,14 @@ def test_pdv_for_unknown_context_closes_the_relayed_session(
     relayed session, so a single-association SCP is free for the next caller."""
     called = "FUZZLEAK"
     scp = DcmtkStoreSCP(tmp_path / "scp", called).start()
-    cloud = AgentProcess(
-        "fuzz-leak-cloud",
-        tmp_path / "cloud",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
-            "targets": [{"ae_title": called, "host": LOOPBACK, "port": scp.port}],
-        },
-    )
-    port = free_port()
-    edge = AgentProcess(
-        "fuzz-leak-edge",
-        tmp_path / "edge",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("edge")),
-            "listeners": [
-                {"ae_title": called, "bind": LOOPBACK, "port": port, "timeouts": LISTENER_TIMEOUTS}
-            ],
-        },
+    cloud, edge, port = relay_pair(
+        tmp_path,
+        nats_server.url,
+        pki,
+        called,
+        scp.port,
+        name="fuzz-leak",
+        listener={"timeouts": LISTENER_TIMEOUTS},
     )
     try:
         cloud.start()

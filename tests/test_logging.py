@@ -11,11 +11,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 from tests.harness import LOOPBACK
-from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.agents import relay_pair
 from tests.harness.dicom import PynetdicomFindSCP
 from tests.harness.nats import NatsServer
 from tests.harness.pki import TestPKI
-from tests.harness.ports import free_port
 
 
 def test_identifier_logging_redacts_patient_data(
@@ -23,24 +22,8 @@ def test_identifier_logging_redacts_patient_data(
 ) -> None:
     scp = PynetdicomFindSCP("LOGSCP", matches=3).start()
     debug = {"level": "debug", "format": "json", "log_identifiers": True}
-    cloud = AgentProcess(
-        "cloud",
-        tmp_path / "cloud",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
-            "targets": [{"ae_title": "LOGSCP", "host": LOOPBACK, "port": scp.port}],
-        },
-    )
+    cloud, edge, port = relay_pair(tmp_path, nats_server.url, pki, "LOGSCP", scp.port)
     cloud.config["logging"] = debug
-    port = free_port()
-    edge = AgentProcess(
-        "edge",
-        tmp_path / "edge",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("edge")),
-            "listeners": [{"ae_title": "LOGSCP", "bind": LOOPBACK, "port": port}],
-        },
-    )
     edge.config["logging"] = debug
     cloud.start()
     edge.start()

@@ -17,11 +17,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 from tests.harness import LOOPBACK
-from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.agents import AgentProcess, relay_pair
 from tests.harness.dicom import PynetdicomFindSCP, dcmtk_query
 from tests.harness.nats import NatsServer
 from tests.harness.pki import TestPKI
-from tests.harness.ports import free_port
 
 
 @dataclass
@@ -38,23 +37,9 @@ def find_rig(
 ) -> Iterator[FindRig]:
     work = tmp_path_factory.mktemp("find")
     scp = PynetdicomFindSCP("FINDSCP", matches=1000).start()
-    cloud = AgentProcess(
-        "cloud",
-        work / "cloud",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
-            "targets": [{"ae_title": "FINDSCP", "host": LOOPBACK, "port": scp.port}],
-        },
-    ).start()
-    port = free_port()
-    edge = AgentProcess(
-        "edge",
-        work / "edge",
-        {
-            "nats": nats_section(nats_server.url, pki, pki.client("edge")),
-            "listeners": [{"ae_title": "FINDSCP", "bind": LOOPBACK, "port": port}],
-        },
-    ).start()
+    cloud, edge, port = relay_pair(work, nats_server.url, pki, "FINDSCP", scp.port)
+    cloud.start()
+    edge.start()
     yield FindRig(scp, edge, cloud, port)
     edge.stop()
     cloud.stop()

@@ -143,3 +143,41 @@ class AgentProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def relay_pair(
+    workdir: Path,
+    nats_url: str,
+    pki: TestPKI,
+    ae_title: str,
+    scp_port: int,
+    *,
+    name: str = "relay",
+    listener: dict[str, Any] | None = None,
+    target: dict[str, Any] | None = None,
+) -> tuple[AgentProcess, AgentProcess, int]:
+    """The usual test relay for one AE title, not started: a cloud agent whose target
+    forwards ``ae_title`` to the SCP on ``scp_port``, and an edge agent with a listener for it
+    on a free loopback port. Returns (cloud, edge, listener port)."""
+    cloud = AgentProcess(
+        f"{name}-cloud",
+        workdir / "cloud",
+        {
+            "nats": nats_section(nats_url, pki, pki.client("cloud")),
+            "targets": [
+                {"ae_title": ae_title, "host": LOOPBACK, "port": scp_port, **(target or {})}
+            ],
+        },
+    )
+    port = free_port()
+    edge = AgentProcess(
+        f"{name}-edge",
+        workdir / "edge",
+        {
+            "nats": nats_section(nats_url, pki, pki.client("edge")),
+            "listeners": [
+                {"ae_title": ae_title, "bind": LOOPBACK, "port": port, **(listener or {})}
+            ],
+        },
+    )
+    return cloud, edge, port
