@@ -80,6 +80,17 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Fail
             "timeouts": LISTENER_TIMEOUTS,
         }
     )
+    # The same target with patient timeouts, for the large transfer that a loaded machine may
+    # slow to seconds per chunk (the short timeouts above are for the timeout tests).
+    listeners.append(
+        {
+            "ae_title": "GOODBIG",
+            "remote_ae_title": "GOODSCP",
+            "bind": LOOPBACK,
+            "port": port,
+            "timeouts": {"open_s": 15.0, "request_s": 120.0, "chunk_ack_s": 60.0},
+        }
+    )
     edge = AgentProcess(
         "edge",
         work / "edge",
@@ -434,17 +445,18 @@ def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_pa
     before = rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received")
     result: dict[str, object] = {}
     sender = threading.Thread(
-        target=lambda: result.update(r=storescu(rig.port, [big], "GOODSCP", timeout=120))
+        target=lambda: result.update(r=storescu(rig.port, [big], "GOODBIG", timeout=180))
     )
     sender.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < before + (
         20 << 20
     ):
-        assert time.monotonic() < deadline, "transfer never started"
+        assert sender.is_alive(), f"storescu ended before the kill: {result}\n{rig.edge.log_tail()}"
+        assert time.monotonic() < deadline, f"transfer never started\n{rig.edge.log_tail()}"
         time.sleep(0.05)
     rig.edge.kill()
-    sender.join(120)
+    sender.join(180)
     assert result["r"].statuses() != ["Success"]  # type: ignore[attr-defined]
     spool = Path(rig.cloud.config["work_dir"]) / "spool"
     deadline = time.monotonic() + SESSION_IDLE_S + 15
