@@ -35,20 +35,6 @@ class BenchFailure(RuntimeError):
     """A transfer failed or what arrived is not what was sent: the figures are worthless."""
 
 
-def small_instances(directory: Path, count: int) -> list[Path]:
-    """``count`` copies of pydicom's CT_small.dcm, each with a fresh SOP Instance UID."""
-    directory.mkdir(parents=True, exist_ok=True)
-    src = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
-    files = []
-    for i in range(count):
-        src.SOPInstanceUID = generate_uid()
-        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
-        out = directory / f"ct{i:04d}.dcm"
-        src.save_as(out)
-        files.append(out)
-    return files
-
-
 def dataset_digest(path: Path) -> tuple[int, str]:
     """Length and SHA-256 of the dataset of a Part 10 file (after the File Meta group),
     read in blocks so multi-GiB files are never held in memory."""

@@ -13,10 +13,12 @@ from typing import Any
 
 from dimse_relay import __version__, systemd
 from dimse_relay.config import AgentConfig
+from dimse_relay.delivery import Deliverer
 from dimse_relay.dicom import configure_pynetdicom
 from dimse_relay.health import HealthServer
 from dimse_relay.listener import ListenerServer
 from dimse_relay.logs import setup_logging
+from dimse_relay.queue import EdgeQueue
 from dimse_relay.target import TargetServer
 from dimse_relay.transport import NatsTransport
 
@@ -32,7 +34,7 @@ def private_dir(path: Path) -> Path:
 
 # Sub-directories of work_dir that only hold DICOM data in transit. Whatever a previous run
 # left there (killed mid-transfer) is incomplete and was never acknowledged as stored.
-TRANSIT_DIRS = ("incoming", "spool", "retrieved")
+TRANSIT_DIRS = ("incoming", "spool", "retrieved", "queue-spool")
 
 
 def purge_transit_files(work_dir: Path) -> int:
@@ -63,7 +65,12 @@ class Agent:
         # (0700, on the agent's own volume) rather than in the system temp directory.
         tempfile.tempdir = str(private_dir(cfg.work_dir / "incoming"))
         self.transport = NatsTransport(cfg.nats, cfg.name)
-        self.listeners = ListenerServer(cfg, self.transport)
+        queued = any(lst.mode == "queued" for lst in cfg.listeners)
+        self.queue = (
+            EdgeQueue(cfg.queue, self.transport, cfg.nats.subject_prefix) if queued else None
+        )
+        self.deliverer = Deliverer(cfg, self.transport, self.queue) if self.queue else None
+        self.listeners = ListenerServer(cfg, self.transport, self.queue)
         self.targets = TargetServer(cfg, self.transport) if cfg.targets else None
         self.health: HealthServer | None = None
         self._targets_subscribed = threading.Event()
@@ -78,6 +85,8 @@ class Agent:
             "targets_subscribed": self._targets_subscribed.is_set(),
             "subscriptions_permitted": not self.transport.refused_subjects,
         }
+        if self.queue is not None:
+            detail["edge_queue_ready"] = self.queue.ready
         return all(detail.values()), detail
 
     def status(self) -> dict[str, Any]:
@@ -123,6 +132,8 @@ class Agent:
                 self._targets_subscribed.set()
 
             self.transport.on_connect(subscribe_targets)
+        if self.deliverer is not None:
+            self.deliverer.start()
         self.transport.start()
         self.listeners.start()
         LOG.info(
@@ -137,6 +148,8 @@ class Agent:
     def stop(self) -> None:
         LOG.info("agent stopping")
         self.listeners.stop()
+        if self.deliverer is not None:
+            self.deliverer.stop()
         if self.targets is not None:
             with contextlib.suppress(Exception):  # best effort at shutdown
                 self.transport.submit(self.targets.shutdown()).result(10)

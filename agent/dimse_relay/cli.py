@@ -1,4 +1,4 @@
-"""Command line: ``dimse-relay run|check-config|status``."""
+"""Command line: ``dimse-relay run|check-config|status|queue``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if data["ready"] else 3
 
 
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from dimse_relay.config import AgentConfig
+    from dimse_relay.queue_cli import cmd_queue
+
+    cfg = _load(args.config)
+    assert isinstance(cfg, AgentConfig)
+    return cmd_queue(cfg, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dimse-relay", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dimse-relay {__version__}")
@@ -90,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_status.add_argument("--url", default="http://127.0.0.1:9102")
     p_status.add_argument("--json", action="store_true")
     p_status.set_defaults(func=cmd_status)
+    from dimse_relay.queue_cli import add_parser
+
+    add_parser(sub)
+    sub.choices["queue"].set_defaults(func=_cmd_queue)
     return parser
 
 

@@ -146,7 +146,9 @@ class ListenerConfig(_Strict):
     remote_ae_title: str | None = None
     bind: str = "0.0.0.0"  # noqa: S104 - a DICOM SCP serves the hospital LAN
     port: int = Field(ge=1, le=65535)
-    mode: Literal["sync"] = "sync"
+    # sync: the SCU gets the far target's own status. queued: C-STORE is acknowledged once the
+    # instance is durably in the edge JetStream queue and delivered later (docs/queued-mode.md).
+    mode: Literal["sync", "queued"] = "sync"
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=32, ge=1)
     max_pdu: int = Field(default=0, ge=0)
@@ -418,6 +420,41 @@ class MoveDestination(_Strict):
     port: int = Field(ge=1, le=65535)
 
 
+class QueueConfig(_Strict):
+    """The edge JetStream queue of the listeners in queued mode (docs/queued-mode.md)."""
+
+    # Names of the JetStream assets; several agents of one site share them (and the work).
+    stream: str = "DIMSE_QUEUE"
+    dead_letter_stream: str = "DIMSE_DEAD"
+    object_bucket: str = "DIMSE_OBJECTS"
+    # JetStream domain of the edge leaf node (None: the domain of the server connected to).
+    domain: str | None = None
+    replicas: int = Field(default=1, ge=1, le=5)
+    # Limits: a C-STORE that would pass them is refused with 0xA700 (out of resources).
+    max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
+    max_items: int = Field(default=1_000_000, ge=1)
+    # Instances up to this size travel inside the queue message; larger ones in the bucket.
+    inline_max_bytes: int = Field(default=512 * 1024, ge=0, le=4 * 1024 * 1024)
+    object_chunk_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=8 * 1024 * 1024)
+    # Same SOP Instance UID and same bytes within this window: stored once.
+    duplicate_window_s: float = Field(default=86400.0, gt=0)
+    # Delivery: attempts before the dead-letter stream, exponential backoff between them.
+    max_attempts: int = Field(default=20, ge=1)
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    ack_wait_s: float = Field(default=60.0, ge=5)
+    write_timeout_s: float = Field(default=30.0, gt=0)
+    stats_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("stream", "dead_letter_stream", "object_bucket")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or any(not (c.isalnum() or c in "_-") for c in value):
+            raise ValueError(f"JetStream names are letters, digits, '_' and '-': {value!r}")
+        return value
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -432,6 +469,7 @@ class AgentConfig(_Strict):
     work_dir: Path = Path("/var/lib/dimse-relay")
     listeners: list[ListenerConfig] = Field(default_factory=list)
     targets: list[TargetConfig] = Field(default_factory=list)
+    queue: QueueConfig = QueueConfig()
     # AE table for C-MOVE: destination AE title -> address. A C-MOVE to a listener whose
     # destination is not here is refused with 0xA801 (Move Destination unknown).
     move_destinations: dict[str, MoveDestination] = Field(default_factory=dict)

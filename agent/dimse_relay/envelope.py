@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     ERROR = 7
     CLOSE = 8
     CANCEL = 9
+    QUEUED = 10
 
 
 class EnvelopeError(ValueError):
@@ -149,6 +150,25 @@ class CancelHeader(_Header):
     op_id: int = Field(ge=0)
 
 
+class QueuedHeader(_Header):
+    """One C-STORE held in the edge queue (queued mode). The body is the command set, then
+    the dataset when ``object_name`` is unset; else the dataset is that object of the edge
+    bucket. Never sent between agents: it is the format of the queue stream's messages."""
+
+    item_id: str = Field(max_length=64)
+    listener_ae_title: AET = Field(max_length=16)
+    calling_ae_title: AET = Field(max_length=16)
+    called_ae_title: AET = Field(max_length=16)
+    abstract_syntax: str = Field(max_length=64)
+    transfer_syntax: str = Field(max_length=64)
+    sop_instance_uid: str = Field(max_length=64)
+    command_length: int = Field(ge=0)
+    dataset_length: int = Field(ge=0)
+    digest: str = Field(max_length=128, description="sha256 of the dataset bytes, hex")
+    object_name: str | None = Field(default=None, max_length=64)
+    queued_at: float = Field(ge=0, description="Unix time the listener accepted it")
+
+
 HeaderModel = (
     OpenHeader
     | OpenResultHeader
@@ -159,6 +179,7 @@ HeaderModel = (
     | ErrorHeader
     | CloseHeader
     | CancelHeader
+    | QueuedHeader
 )
 
 _MODELS: dict[Kind, type[BaseModel]] = {
@@ -171,6 +192,7 @@ _MODELS: dict[Kind, type[BaseModel]] = {
     Kind.ERROR: ErrorHeader,
     Kind.CLOSE: CloseHeader,
     Kind.CANCEL: CancelHeader,
+    Kind.QUEUED: QueuedHeader,
 }
 _KINDS: dict[type[BaseModel], Kind] = {model: kind for kind, model in _MODELS.items()}
 

@@ -29,9 +29,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
-from dimse_relay import envelope, metrics, statuses, subjects
+from dimse_relay import envelope, metrics, statuses
 from dimse_relay.config import AgentConfig, ListenerConfig
 from dimse_relay.dicom import (
     SOCKET_HANDLERS,
@@ -47,15 +47,15 @@ from dimse_relay.dicom import (
 )
 from dimse_relay.envelope import (
     CancelHeader,
-    CloseHeader,
     ContextProposal,
     EnvelopeError,
     ErrorHeader,
-    OpenHeader,
     OpenResultHeader,
+    QueuedHeader,
     RequestHeader,
     ResponseHeader,
 )
+from dimse_relay.queue import EdgeQueue, QueueFull, QueueUnavailable, file_digest, new_item_id
 from dimse_relay.retrieve import (
     InstanceMessage,
     RetrieveCollector,
@@ -63,25 +63,18 @@ from dimse_relay.retrieve import (
     is_instance_message,
     split_request,
 )
+from dimse_relay.session import (
+    FAILURES,
+    RelayError,
+    close_session,
+    open_session,
+    store_instance,
+)
 from dimse_relay.statuses import RelayFailure
-from dimse_relay.streaming import StreamAborted, await_response, send_dataset
+from dimse_relay.streaming import StreamAborted, await_response
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
-
-
-class RelayError(Exception):
-    def __init__(self, failure: RelayFailure, detail: str = ""):
-        super().__init__(detail or failure.comment)
-        self.failure = failure
-
-
-_FAILURES = {
-    "unavailable": statuses.FAR_SIDE_UNAVAILABLE,
-    "timeout": statuses.FAR_SIDE_TIMEOUT,
-    "target_unreachable": statuses.TARGET_UNREACHABLE,
-    "protocol": statuses.PROTOCOL_ERROR,
-}
 
 
 def _valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
@@ -126,9 +119,12 @@ class RelayedAssociation:
 class ListenerServer:
     """All listeners of one agent, grouped by (bind address, port)."""
 
-    def __init__(self, agent_cfg: AgentConfig, transport: NatsTransport):
+    def __init__(
+        self, agent_cfg: AgentConfig, transport: NatsTransport, queue: EdgeQueue | None = None
+    ):
         self.agent_cfg = agent_cfg
         self.transport = transport
+        self.queue = queue
         self.nats_cfg = agent_cfg.nats
         self.servers: list[Any] = []
         self._fallback = fallback_contexts()
@@ -229,6 +225,13 @@ class ListenerServer:
         relayed.assoc = assoc
         with self._lock:
             self._relayed[id(assoc)] = relayed
+        if lcfg.mode == "queued":
+            # The edge queue is the durable endpoint: accept what we can queue, without asking
+            # the far side (which may be unreachable for hours). Other services than C-STORE
+            # and C-ECHO are still relayed, with a session opened on first use.
+            metrics.ASSOCIATIONS.labels(role="listener", result="accepted_queued").inc()
+            assoc.acceptor.supported_contexts = self._fallback
+            return
         try:
             result = self._open_far(relayed)
         except RelayError as exc:
@@ -262,62 +265,16 @@ class ListenerServer:
     def _open_far(self, relayed: RelayedAssociation) -> OpenResultHeader:
         lcfg = relayed.listener
         timeout_s = lcfg.timeouts.open_s
-        result = cast(
-            OpenResultHeader,
-            self._call(self._open_far_async(relayed, timeout_s), timeout_s + 1.0),
+        coro = open_session(
+            self.transport,
+            self.nats_cfg.subject_prefix,
+            assoc_id=relayed.assoc_id,
+            calling_ae_title=relayed.calling_ae_title,
+            far_ae_title=lcfg.far_ae_title,
+            proposals=relayed.proposals,
+            timeout_s=timeout_s,
         )
-        if result.result == "accepted":
-            self._check_session_subject(relayed, result)
-        return result
-
-    def _check_session_subject(self, relayed: RelayedAssociation, result: OpenResultHeader) -> None:
-        """The far agent's session subject, which must be one token under the called AE
-        title's session root: whoever answers an OPEN must not be able to point our datasets
-        at any other subject."""
-        subject = result.session_subject or ""
-        far = relayed.listener.far_ae_title
-        root = subjects.session_subject(self.nats_cfg.subject_prefix, far, "")
-        token = subject.removeprefix(root)
-        if not subject.startswith(root) or not token or not token.isalnum():
-            metrics.WIRE_REJECTED.labels(reason="bad_session_subject").inc()
-            raise RelayError(statuses.PROTOCOL_ERROR, "far agent sent an invalid session subject")
-
-    async def _open_far_async(
-        self, relayed: RelayedAssociation, timeout_s: float
-    ) -> OpenResultHeader:
-        lcfg = relayed.listener
-        inbox, queue = self.transport.replies.new_inbox()
-        try:
-            hdr = OpenHeader(
-                assoc_id=relayed.assoc_id,
-                calling_ae_title=relayed.calling_ae_title,
-                called_ae_title=lcfg.far_ae_title,
-                contexts=relayed.proposals,
-                reply_inbox=inbox,
-                timeout_s=timeout_s,
-            )
-            subject = subjects.open_subject(self.nats_cfg.subject_prefix, lcfg.far_ae_title)
-            nc = self.transport.client()
-            # A request with no responders fails fast instead of waiting for the timeout.
-            try:
-                reply = await nc.request(subject, envelope.encode(hdr), timeout=timeout_s)
-            except Exception as exc:
-                name = type(exc).__name__
-                if "NoResponders" in name:
-                    raise RelayError(statuses.FAR_SIDE_UNAVAILABLE) from None
-                if "Timeout" in name:
-                    raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
-                raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, name) from None
-            header, _ = envelope.decode(reply.data)
-            if not isinstance(header, OpenResultHeader):
-                raise RelayError(statuses.PROTOCOL_ERROR, "unexpected reply to open")
-            return header
-        except EnvelopeError as exc:
-            metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
-            raise RelayError(statuses.PROTOCOL_ERROR) from None
-        finally:
-            self.transport.replies.release(inbox)
-            del queue
+        return cast(OpenResultHeader, self._call(coro, timeout_s + 1.0))
 
     def _call(self, coro: Any, timeout: float) -> Any:
         try:
@@ -357,15 +314,8 @@ class ListenerServer:
         return False
 
     def _send_close(self, subject: str, mode: str) -> None:
-        async def close() -> None:
-            with contextlib.suppress(Exception):
-                await self.transport.publish(
-                    subject,
-                    envelope.encode(CloseHeader(mode=mode)),  # type: ignore[arg-type]
-                )
-
         with contextlib.suppress(Exception):
-            self.transport.submit(close())
+            self.transport.submit(close_session(self.transport, subject, mode))
 
     # -- DIMSE services ---------------------------------------------------------------------
     def _failure_status(self, service: str, failure: RelayFailure) -> Dataset:
@@ -400,6 +350,16 @@ class ListenerServer:
         return status
 
     def _on_echo(self, event: evt.Event) -> Dataset | int:
+        relayed = self._relayed.get(id(event.assoc))
+        if relayed is not None and relayed.listener.mode == "queued":
+            # Answered here: what a queued listener promises is the edge queue, not the target.
+            ok = self.queue is not None and self.queue.ready and self.transport.connected
+            status = statuses.SUCCESS if ok else statuses.PROCESSING_FAILURE
+            metrics.REQUESTS.labels(
+                role="listener", service="C-ECHO", status=metrics.status_class(status)
+            ).inc()
+            return status
+
         def run(relayed: RelayedAssociation, subject: str) -> Dataset:
             msg = C_ECHO_RQ()
             msg.primitive_to_message(event.request)
@@ -419,6 +379,9 @@ class ListenerServer:
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         path: Path = event.dataset_path
+        relayed = self._relayed.get(id(event.assoc))
+        if relayed is not None and relayed.listener.mode == "queued":
+            return self._queue_store(event, relayed, path)
 
         def run(relayed: RelayedAssociation, subject: str) -> Dataset:
             # The dataset is in the temp file; only the command set goes in the header message.
@@ -434,6 +397,51 @@ class ListenerServer:
             return self._call(coro, budget)  # type: ignore[no-any-return]
 
         return self._relay(event, "C-STORE", run)
+
+    def _queue_store(self, event: evt.Event, relayed: RelayedAssociation, path: Path) -> Dataset:
+        """Queued mode: Success once the instance is durably in the edge queue."""
+        started = time.monotonic()
+        lcfg = relayed.listener
+        try:
+            if self.queue is None:
+                raise QueueUnavailable("no edge queue")
+            command, _ = request_command(event.request, C_STORE_RQ(), "DataSet")
+            offset = dataset_offset(path)
+            length = path.stat().st_size - offset
+            header = QueuedHeader(
+                item_id=new_item_id(),
+                listener_ae_title=lcfg.ae_title,
+                calling_ae_title=relayed.calling_ae_title,
+                called_ae_title=lcfg.far_ae_title,
+                abstract_syntax=str(event.context.abstract_syntax),
+                transfer_syntax=str(event.context.transfer_syntax),
+                sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID),
+                command_length=len(command),
+                dataset_length=length,
+                digest=file_digest(path, offset),
+                queued_at=time.time(),
+            )
+            qcfg = self.agent_cfg.queue
+            budget = qcfg.write_timeout_s * (2 + length // qcfg.object_chunk_bytes)
+            self.transport.call(self.queue.enqueue(header, command, path, offset), budget)
+            status = Dataset()
+            status.Status = statuses.SUCCESS
+        except QueueFull:
+            metrics.QUEUE_REFUSED.labels(reason="full").inc()
+            LOG.warning("edge queue full; C-STORE refused", extra=relayed.log_extra)
+            status = self._failure_status("C-STORE", statuses.QUEUE_FULL)
+        except Exception as exc:  # JetStream down, timeout, NATS not connected
+            metrics.QUEUE_REFUSED.labels(reason="unavailable").inc()
+            LOG.warning(
+                "edge queue unavailable; C-STORE refused",
+                extra={**relayed.log_extra, "error": type(exc).__name__},
+            )
+            status = self._failure_status("C-STORE", statuses.QUEUE_UNAVAILABLE)
+        metrics.LATENCY.labels(service="C-STORE").observe(time.monotonic() - started)
+        metrics.REQUESTS.labels(
+            role="listener", service="C-STORE", status=metrics.status_class(int(status.Status))
+        ).inc()
+        return status
 
     async def _single(
         self, subject: str, hdr: RequestHeader, body: bytes, timeout_s: float
@@ -451,7 +459,7 @@ class ListenerServer:
         try:
             return await await_response(queue, op_id, timeout_s)
         except StreamAborted as exc:
-            raise RelayError(_FAILURES[exc.reason], exc.comment) from None
+            raise RelayError(FAILURES[exc.reason], exc.comment) from None
 
     def _decode_reply(self, msg: Any) -> tuple[Any, memoryview]:
         try:
@@ -479,25 +487,17 @@ class ListenerServer:
             command_length=len(command),
             dataset_length=length,
         )
-        inbox, replies = self.transport.replies.new_inbox()
-        try:
-            await send_dataset(
-                self.transport,
-                subject,
-                inbox,
-                replies,
-                request,
-                command,
-                path,
-                offset,
-                window=self.nats_cfg.window_chunks,
-                ack_timeout_s=lcfg.timeouts.chunk_ack_s,
-            )
-            return await self._await_response(replies, request.op_id, lcfg.timeouts.request_s)
-        except StreamAborted as exc:
-            raise RelayError(_FAILURES[exc.reason], exc.comment) from None
-        finally:
-            self.transport.replies.release(inbox)
+        return await store_instance(
+            self.transport,
+            subject,
+            request,
+            command,
+            path,
+            offset,
+            window=self.nats_cfg.window_chunks,
+            chunk_ack_s=lcfg.timeouts.chunk_ack_s,
+            request_s=lcfg.timeouts.request_s,
+        )
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[Dataset | int, Dataset | None]]:
         """C-FIND: every pending response is yielded to pynetdicom as it arrives from the far
@@ -641,7 +641,7 @@ class ListenerServer:
                 if header is None or getattr(header, "op_id", None) != op_id:
                     continue
                 if isinstance(header, ErrorHeader):
-                    raise RelayError(_FAILURES[header.reason], header.comment)
+                    raise RelayError(FAILURES[header.reason], header.comment)
                 if not isinstance(header, ResponseHeader):
                     continue
                 deadline = time.monotonic() + timeout_s

@@ -49,6 +49,48 @@ ACTIVE_SESSIONS = Gauge(
     registry=REGISTRY,
 )
 
+# Queued mode (docs/queued-mode.md): the edge queue as the agent last saw it, and what the
+# listeners and the deliverer did with it.
+QUEUE_DEPTH = Gauge(
+    "dimse_relay_queue_depth", "Instances waiting in the edge queue", registry=REGISTRY
+)
+QUEUE_BYTES = Gauge(
+    "dimse_relay_queue_bytes", "Bytes held by the edge queue and its bucket", registry=REGISTRY
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "dimse_relay_queue_oldest_age_seconds",
+    "Age of the oldest instance waiting in the edge queue",
+    registry=REGISTRY,
+)
+QUEUE_DEAD_LETTERS = Gauge(
+    "dimse_relay_queue_dead_letters", "Instances in the dead-letter stream", registry=REGISTRY
+)
+QUEUE_ENQUEUED = Counter(
+    "dimse_relay_queue_enqueued", "C-STOREs written to the edge queue", registry=REGISTRY
+)
+QUEUE_DUPLICATES = Counter(
+    "dimse_relay_queue_duplicates",
+    "C-STOREs of an instance already queued (same SOP Instance UID and bytes), stored once",
+    registry=REGISTRY,
+)
+QUEUE_REFUSED = Counter(
+    "dimse_relay_queue_refused",
+    "C-STOREs refused by a queued-mode listener, by reason (full, unavailable)",
+    ["reason"],
+    registry=REGISTRY,
+)
+QUEUE_ATTEMPTS = Counter(
+    "dimse_relay_queue_delivery_attempts",
+    "Delivery attempts of queued instances, by result (delivered, retry, dead_letter)",
+    ["result"],
+    registry=REGISTRY,
+)
+QUEUE_DEAD_LETTERED = Counter(
+    "dimse_relay_queue_dead_lettered",
+    "Queued instances moved to the dead-letter stream",
+    registry=REGISTRY,
+)
+
 
 def status_class(status: int) -> str:
     """Map a DIMSE status to its class: success, warning, pending, cancel, failure."""

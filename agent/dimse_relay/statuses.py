@@ -52,3 +52,6 @@ TARGET_UNREACHABLE = RelayFailure(
     "target_unreachable", "dimse-relay: target SCP refused or unreachable"
 )
 PROTOCOL_ERROR = RelayFailure("protocol", "dimse-relay: relay protocol error")
+# Queued mode: the edge queue cannot take the instance (C-STORE 0xA700, out of resources).
+QUEUE_FULL = RelayFailure("queue_full", "dimse-relay: edge queue full")
+QUEUE_UNAVAILABLE = RelayFailure("queue_unavailable", "dimse-relay: edge queue unavailable")

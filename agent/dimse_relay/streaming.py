@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import time
@@ -101,18 +102,20 @@ async def send_dataset(
     replies: asyncio.Queue[Any],
     request: RequestHeader,
     command: bytes,
-    path: Path,
+    source: Path | bytes,
     offset: int,
     *,
     window: int,
     ack_timeout_s: float,
 ) -> None:
-    """Publish ``request`` with the dataset at ``path[offset:]``: inline when it fits one
-    chunk, else as numbered chunks with at most ``window`` unacknowledged. Returns once the
-    last byte is published; the caller then waits for the response on ``replies``."""
+    """Publish ``request`` with the dataset at ``source[offset:]`` (a file, or bytes already in
+    memory): inline when it fits one chunk, else as numbered chunks with at most ``window``
+    unacknowledged. Returns once the last byte is published; the caller then waits for the
+    response on ``replies``."""
     chunk_size = transport.chunk_size
     length = request.dataset_length
-    with path.open("rb") as fh:
+    opened = io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")
+    with opened as fh:
         fh.seek(offset)
         if length <= chunk_size:
             data = fh.read(length)

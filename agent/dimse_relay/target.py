@@ -232,6 +232,14 @@ class TargetSession:
                 reject_reason=prim.diagnostic,
             )
         metrics.ASSOCIATIONS.labels(role="target", result="failed").inc()
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The SCP answered but took none of the contexts (pynetdicom then aborts).
+            return OpenResultHeader(
+                assoc_id=self.open_hdr.assoc_id,
+                result="failed",
+                failure="no_contexts",
+                comment="target SCP accepted none of the proposed presentation contexts",
+            )
         return OpenResultHeader(
             assoc_id=self.open_hdr.assoc_id,
             result="failed",

@@ -259,6 +259,28 @@ def pynetdicom_echo(port: int, called: str, calling: str = "PYSCU") -> tuple[int
     return (int(rsp.Status) if "Status" in rsp else None), elapsed
 
 
+def small_instances(directory: Path, count: int) -> list[Path]:
+    """``count`` copies of pydicom's CT_small.dcm, each with a fresh SOP Instance UID and
+    without its Data Set Trailing Padding (which DCMTK's storescu drops), so what a target
+    stores is byte for byte the dataset in the file."""
+    import pydicom
+    import pydicom.data
+    from pydicom.uid import generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    if 0xFFFCFFFC in src:
+        del src[0xFFFCFFFC]
+    files = []
+    for i in range(count):
+        src.SOPInstanceUID = generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        out = directory / f"ct{i:04d}.dcm"
+        src.save_as(out)
+        files.append(out)
+    return files
+
+
 def make_large_instance(path: Path, size: int) -> Path:
     """A valid multi-frame Secondary Capture Part 10 file whose Pixel Data is ``size`` bytes
     (rounded down to whole 2 MiB frames), streamed to disk (never held in memory)."""

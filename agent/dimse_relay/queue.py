@@ -1,0 +1,440 @@
+"""The edge queue of queued-mode listeners, on the JetStream of the NATS server the edge agent
+connects to (normally the site's leaf node, with its own JetStream domain and file storage).
+
+Three JetStream assets, shared by every agent of the site (names in ``queue`` config):
+
+- the queue stream (work-queue retention, file storage, ``discard: new``): one message per
+  accepted C-STORE, an envelope of kind QUEUED (docs/queued-mode.md). Instances up to
+  ``inline_max_bytes`` travel inside it; larger ones in the object bucket, written first, so a
+  queue message only ever names a complete object (a half-written object is never queued).
+- the object bucket (JetStream object store, ``discard: new``) for large instances.
+- the dead-letter stream: items that failed permanently or ran out of attempts, with the
+  reason in headers; `dimse-relay queue` lists, retries and purges them.
+
+Dedupe: the queue message's ``Nats-Msg-Id`` is the SOP Instance UID plus the dataset's sha256,
+so the same instance offered twice within ``duplicate_window_s`` is stored once, while a
+different instance reusing a UID is queued (and delivered) as the separate instance it is.
+
+Coroutines here run on the NATS loop (transport.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import APIError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+from dimse_relay import envelope, metrics, subjects
+from dimse_relay.config import QueueConfig
+from dimse_relay.envelope import QueuedHeader
+from dimse_relay.transport import NatsTransport
+
+LOG = logging.getLogger("dimse_relay.queue")
+CONSUMER = "deliver"
+H_REASON = "Dimse-Relay-Reason"
+H_STATUS = "Dimse-Relay-Status"
+H_ATTEMPTS = "Dimse-Relay-Attempts"
+H_DEAD_AT = "Dimse-Relay-Dead-At"
+# JetStream error codes of a full store (stream limits with discard new, or the server's
+# max_file_store): the SCU gets out-of-resources.
+_FULL_CODES = {10047, 10077, 10078, 10027, 10028}
+
+
+class QueueFull(Exception):
+    """The edge queue is at its configured limit (or the server's store is full)."""
+
+
+class QueueUnavailable(Exception):
+    """JetStream could not be reached or did not confirm the write."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    item_id: str
+    duplicate: bool
+
+
+@dataclass
+class QueueStats:
+    depth: int = 0
+    bytes: int = 0
+    oldest_age_s: float = 0.0
+    dead_letters: int = 0
+    object_bytes: int = 0
+
+
+def queue_subject(prefix: str, ae_title: str) -> str:
+    return f"{prefix}.{subjects.VERSION}.queue.{subjects.encode_aet(ae_title)}"
+
+
+def dead_subject(prefix: str, ae_title: str) -> str:
+    return f"{prefix}.{subjects.VERSION}.dead.{subjects.encode_aet(ae_title)}"
+
+
+def dedupe_id(sop_instance_uid: str, digest: str) -> str:
+    return f"{sop_instance_uid}:{digest}"
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, APIError):
+        text = (exc.description or "").lower()
+        return exc.err_code in _FULL_CODES or "maximum" in text or "insufficient" in text
+    return False
+
+
+def file_digest(path: Path, offset: int) -> str:
+    """sha256 of ``path[offset:]`` (run in a thread: instances may be GBs)."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while block := fh.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+class EdgeQueue:
+    def __init__(self, cfg: QueueConfig, transport: NatsTransport, prefix: str):
+        self.cfg = cfg
+        self.transport = transport
+        self.prefix = prefix
+        self._ready = False
+        self._setup_lock = asyncio.Lock()
+        self._objects: ObjectStore | None = None
+        self.stats = QueueStats()
+
+    # -- JetStream assets ------------------------------------------------------------------
+    def js(self) -> JetStreamContext:
+        return self.transport.client().jetstream(
+            domain=self.cfg.domain, timeout=self.cfg.write_timeout_s
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _stream_configs(self) -> list[api.StreamConfig]:
+        cfg = self.cfg
+        return [
+            api.StreamConfig(
+                name=cfg.stream,
+                description="dimse-relay: C-STOREs accepted in queued mode, to be delivered",
+                subjects=[f"{self.prefix}.{subjects.VERSION}.queue.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                discard=api.DiscardPolicy.NEW,
+                max_bytes=cfg.max_bytes,
+                max_msgs=cfg.max_items,
+                duplicate_window=cfg.duplicate_window_s,
+                num_replicas=cfg.replicas,
+            ),
+            api.StreamConfig(
+                name=cfg.dead_letter_stream,
+                description="dimse-relay: queued C-STOREs that could not be delivered",
+                subjects=[f"{self.prefix}.{subjects.VERSION}.dead.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                discard=api.DiscardPolicy.NEW,
+                # Dead letters keep large instances in the bucket: a tenth is plenty.
+                max_bytes=dead_letter_max_bytes(cfg),
+                max_msgs=cfg.max_items,
+                num_replicas=cfg.replicas,
+            ),
+        ]
+
+    async def setup(self) -> None:
+        """Create or update the streams, the bucket and the delivery consumer (idempotent;
+        every agent of a site runs it at start and after a reconnect)."""
+        async with self._setup_lock:
+            js = self.js()
+            try:
+                for stream in self._stream_configs():
+                    await _ensure_stream(js, stream)
+                self._objects = await _ensure_bucket(js, self.cfg)
+            except APIError as exc:
+                if exc.err_code == 10047:
+                    LOG.error(
+                        "edge queue: the NATS server's JetStream cannot reserve the configured "
+                        "limits (needs max_file_store >= 2.1 x queue.max_bytes)",
+                        extra={"reserved_bytes": reserved_bytes(self.cfg)},
+                    )
+                raise
+            consumer = api.ConsumerConfig(
+                durable_name=CONSUMER,
+                description="dimse-relay queued-mode delivery",
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=self.cfg.ack_wait_s,
+                # Attempts are counted by the deliverer, which dead-letters; the server never
+                # stops redelivering on its own (that would strand the item in the stream).
+                max_deliver=-1,
+                max_ack_pending=max(64, self.cfg.concurrency * 16),
+            )
+            try:
+                await js.add_consumer(self.cfg.stream, consumer)
+            except APIError:
+                # It exists with another configuration (an older agent's): keep it.
+                await js.consumer_info(self.cfg.stream, CONSUMER)
+            self._ready = True
+            LOG.info("edge queue ready", extra={"stream": self.cfg.stream})
+
+    async def setup_objects(self) -> None:
+        """Bind the existing bucket (for the CLI, which never creates anything)."""
+        if self._objects is None:
+            self._objects = await self.js().object_store(self.cfg.object_bucket)
+
+    def objects(self) -> ObjectStore:
+        if self._objects is None:
+            raise QueueUnavailable("edge queue not set up")
+        return self._objects
+
+    # -- enqueue (listener side) -------------------------------------------------------------
+    def has_room(self, length: int) -> bool:
+        """From the last stats poll: is there room for ``length`` more bytes and one item?"""
+        used = self.stats.bytes + self.stats.object_bytes
+        return used + length <= self.cfg.max_bytes and self.stats.depth < self.cfg.max_items
+
+    async def enqueue(
+        self,
+        header: QueuedHeader,
+        command: bytes,
+        path: Path,
+        offset: int,
+    ) -> Enqueued:
+        """Durably queue one instance; returns once JetStream confirmed the queue message."""
+        if not self._ready:
+            try:
+                await self.setup()
+            except Exception as exc:
+                raise QueueUnavailable(type(exc).__name__) from None
+        if not self.has_room(header.dataset_length):
+            raise QueueFull("edge queue limit reached")
+        js = self.js()
+        body: bytes | bytearray = command
+        if header.dataset_length <= min(self.cfg.inline_max_bytes, self._payload_room()):
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                body = command + fh.read(header.dataset_length)
+        else:
+            header = header.model_copy(update={"object_name": header.item_id})
+            await self._put_object(header, path, offset)
+        headers = {"Nats-Msg-Id": dedupe_id(header.sop_instance_uid, header.digest)}
+        try:
+            ack = await js.publish(
+                queue_subject(self.prefix, header.called_ae_title),
+                envelope.encode(header, bytes(body)),
+                timeout=self.cfg.write_timeout_s,
+                stream=self.cfg.stream,
+                headers=headers,
+            )
+        except Exception as exc:
+            if header.object_name:
+                await self.delete_object(header.object_name)
+            if _is_full(exc):
+                raise QueueFull(str(exc)[:120]) from None
+            raise QueueUnavailable(type(exc).__name__) from None
+        if ack.duplicate:
+            if header.object_name:
+                await self.delete_object(header.object_name)
+            metrics.QUEUE_DUPLICATES.inc()
+            return Enqueued(header.item_id, duplicate=True)
+        self.stats.depth += 1
+        self.stats.bytes += len(body)
+        if header.object_name:
+            self.stats.object_bytes += header.dataset_length
+        metrics.QUEUE_ENQUEUED.inc()
+        return Enqueued(header.item_id, duplicate=False)
+
+    def _payload_room(self) -> int:
+        """Largest dataset part one message may carry on this server (max_payload)."""
+        max_payload = int(self.transport.client().max_payload or 1024 * 1024)
+        return max(4096, max_payload - 64 * 1024)
+
+    async def _put_object(self, header: QueuedHeader, path: Path, offset: int) -> None:
+        store = self.objects()
+        meta = api.ObjectMeta(
+            name=header.item_id,
+            options=api.ObjectMetaOptions(
+                max_chunk_size=min(self.cfg.object_chunk_bytes, self._payload_room())
+            ),
+        )
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                # nats-py reads the file chunk by chunk and publishes each with an ack; on a
+                # failure it purges the chunks written so far.
+                info = await store.put(header.item_id, fh, meta=meta)
+        except Exception as exc:
+            if _is_full(exc):
+                raise QueueFull(str(exc)[:120]) from None
+            raise QueueUnavailable(type(exc).__name__) from None
+        if info.size != header.dataset_length:
+            await self.delete_object(header.item_id)
+            raise QueueUnavailable("object size mismatch")
+
+    async def delete_object(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.objects().delete(name)
+
+    # -- statistics ------------------------------------------------------------------------
+    async def refresh_stats(self) -> QueueStats:
+        js = self.js()
+        info = await js.stream_info(self.cfg.stream)
+        dead = await js.stream_info(self.cfg.dead_letter_stream)
+        objects = await js.stream_info(f"OBJ_{self.cfg.object_bucket}")
+        stats = QueueStats(
+            depth=int(info.state.messages),
+            bytes=int(info.state.bytes),
+            dead_letters=int(dead.state.messages),
+            object_bytes=int(objects.state.bytes),
+        )
+        if stats.depth:
+            with contextlib.suppress(Exception):
+                first = await js.get_msg(
+                    self.cfg.stream, seq=int(info.state.first_seq), subject=">", next=True
+                )
+                queued, _ = envelope.decode(first.data or b"")
+                if isinstance(queued, QueuedHeader):
+                    stats.oldest_age_s = max(0.0, time.time() - queued.queued_at)
+        self.stats = stats
+        metrics.QUEUE_DEPTH.set(stats.depth)
+        metrics.QUEUE_BYTES.set(stats.bytes + stats.object_bytes)
+        metrics.QUEUE_OLDEST_AGE.set(stats.oldest_age_s)
+        metrics.QUEUE_DEAD_LETTERS.set(stats.dead_letters)
+        return stats
+
+    # -- dead letters (deliverer and CLI) -----------------------------------------------------
+    async def dead_letter(
+        self,
+        header: QueuedHeader,
+        body: bytes,
+        reason: str,
+        status: int | None,
+        attempts: int,
+        queue_seq: int,
+    ) -> None:
+        headers = {
+            H_REASON: reason[:200],
+            H_ATTEMPTS: str(attempts),
+            H_DEAD_AT: f"{time.time():.3f}",
+            # Once per queue message, even if the deliverer dies before its ack.
+            "Nats-Msg-Id": f"dead:{header.item_id}:{queue_seq}",
+        }
+        if status is not None:
+            headers[H_STATUS] = f"0x{status:04X}"
+        await self.js().publish(
+            dead_subject(self.prefix, header.called_ae_title),
+            envelope.encode(header, body),
+            stream=self.cfg.dead_letter_stream,
+            headers=headers,
+        )
+        metrics.QUEUE_DEAD_LETTERED.inc()
+
+    async def list_dead(self, limit: int = 1000) -> list[dict[str, Any]]:
+        js = self.js()
+        info = await js.stream_info(self.cfg.dead_letter_stream)
+        out: list[dict[str, Any]] = []
+        seq = int(info.state.first_seq)
+        while len(out) < limit and info.state.messages:
+            try:
+                msg = await js.get_msg(self.cfg.dead_letter_stream, seq=seq, subject=">", next=True)
+            except NotFoundError:
+                break
+            header, _ = envelope.decode(msg.data or b"")
+            hdrs = msg.headers or {}
+            if isinstance(header, QueuedHeader):
+                out.append(
+                    {
+                        "seq": msg.seq,
+                        "item_id": header.item_id,
+                        "called_ae_title": header.called_ae_title,
+                        "calling_ae_title": header.calling_ae_title,
+                        "sop_instance_uid": header.sop_instance_uid,
+                        "bytes": header.dataset_length,
+                        "reason": hdrs.get(H_REASON, ""),
+                        "status": hdrs.get(H_STATUS),
+                        "attempts": int(hdrs.get(H_ATTEMPTS, "0") or 0),
+                        "dead_at": float(hdrs.get(H_DEAD_AT, "0") or 0),
+                    }
+                )
+            seq = int(msg.seq or seq) + 1
+        return out
+
+    async def retry_dead(self, seq: int) -> str:
+        """Put dead letter ``seq`` back on the queue (fresh attempts) and remove it."""
+        js = self.js()
+        msg = await js.get_msg(self.cfg.dead_letter_stream, seq=seq)
+        header, body = envelope.decode(msg.data or b"")
+        if not isinstance(header, QueuedHeader):
+            raise ValueError(f"dead letter {seq} is not a queued instance")
+        await js.publish(
+            queue_subject(self.prefix, header.called_ae_title),
+            msg.data or b"",
+            stream=self.cfg.stream,
+            # A new id: the original one may still be inside the duplicate window.
+            headers={"Nats-Msg-Id": f"retry:{header.item_id}:{uuid.uuid4().hex}"},
+        )
+        await js.delete_msg(self.cfg.dead_letter_stream, seq)
+        del body
+        return header.item_id
+
+    async def purge_dead(self, seq: int) -> str:
+        """Delete dead letter ``seq`` and its object."""
+        js = self.js()
+        msg = await js.get_msg(self.cfg.dead_letter_stream, seq=seq)
+        header, _ = envelope.decode(msg.data or b"")
+        if isinstance(header, QueuedHeader) and header.object_name:
+            await self.setup_objects()
+            await self.delete_object(header.object_name)
+        await js.delete_msg(self.cfg.dead_letter_stream, seq)
+        return header.item_id if isinstance(header, QueuedHeader) else str(seq)
+
+
+def dead_letter_max_bytes(cfg: QueueConfig) -> int:
+    return max(1024 * 1024, cfg.max_bytes // 10)
+
+
+def reserved_bytes(cfg: QueueConfig) -> int:
+    """File storage the three assets reserve on the server: the queue stream and the bucket
+    up to max_bytes each, the dead letters a tenth. The leaf's max_file_store must cover it."""
+    return 2 * cfg.max_bytes + dead_letter_max_bytes(cfg)
+
+
+def new_item_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _ensure_stream(js: JetStreamContext, stream: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(stream)
+    except APIError as exc:
+        if exc.err_code != 10058:  # stream name already in use with a different configuration
+            raise
+        await js.update_stream(stream)
+
+
+async def _ensure_bucket(js: JetStreamContext, cfg: QueueConfig) -> ObjectStore:
+    bucket = api.ObjectStoreConfig(
+        bucket=cfg.object_bucket,
+        description="dimse-relay: large instances of queued C-STOREs",
+        storage=api.StorageType.FILE,
+        max_bytes=cfg.max_bytes,
+        replicas=cfg.replicas,
+    )
+    try:
+        return await js.create_object_store(cfg.object_bucket, config=bucket)
+    except APIError as exc:
+        if exc.err_code != 10058:
+            raise
+        info = await js.stream_info(f"OBJ_{cfg.object_bucket}")
+        await js.update_stream(info.config.evolve(max_bytes=cfg.max_bytes))
+        return await js.object_store(cfg.object_bucket)

@@ -1,0 +1,330 @@
+"""Queued mode with real servers: a hub nats-server (the cloud) and a site leaf node with its
+own JetStream domain (the edge), a cloud agent in front of a real DCMTK storescp and an edge
+agent whose listener queues C-STOREs in the leaf's JetStream (docs/queued-mode.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom.data
+import pytest
+from tests.harness import DIMSE_RELAY, LOOPBACK
+from tests.harness.agents import AgentProcess, nats_section
+from tests.harness.dicom import (
+    DcmtkStoreSCP,
+    PynetdicomSCP,
+    dataset_bytes,
+    make_large_instance,
+    pynetdicom_echo,
+    pynetdicom_store,
+    small_instances,
+    storescu,
+)
+from tests.harness.leaf import HubServer, LeafServer
+from tests.harness.pki import TestPKI
+from tests.harness.ports import free_port
+
+CT = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+OUT_OF_RESOURCES = 0xA700
+QUEUE = {
+    "max_bytes": 256 * 1024 * 1024,
+    "max_attempts": 3,
+    "backoff_initial_s": 0.2,
+    "backoff_max_s": 1.0,
+    "stats_interval_s": 0.5,
+    "inline_max_bytes": 256 * 1024,
+    "object_chunk_bytes": 256 * 1024,
+}
+
+
+@dataclass
+class QueueRig:
+    hub: HubServer
+    leaf: LeafServer
+    cloud: AgentProcess
+    edge: AgentProcess
+    scp: DcmtkStoreSCP
+    picky: PynetdicomSCP
+    port: int
+    work: Path
+
+    def wait_delivered(self, count: int, timeout: float) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while len(self.scp.files()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.scp.files()
+
+    def wait_drained(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.edge.metric("dimse_relay_queue_depth") == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"edge queue not drained\n{self.edge.log_tail()}")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(DIMSE_RELAY), "queue", "--config", str(self.edge.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+def edge_config(leaf: LeafServer, pki: TestPKI, port: int, queue: dict[str, Any]) -> dict[str, Any]:
+    listener = {"bind": LOOPBACK, "port": port, "mode": "queued"}
+    return {
+        "nats": nats_section(leaf.url, pki, pki.client("edge")),
+        "listeners": [
+            {"ae_title": "ARCHIVE", **listener},
+            {"ae_title": "PICKY", **listener},
+        ],
+        "queue": queue,
+    }
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[QueueRig]:
+    work = tmp_path_factory.mktemp("queued")
+    hub = HubServer(work / "hub", pki).start()
+    leaf = LeafServer(work / "leaf", pki, hub, pki.client("tester")).start()
+    scp = DcmtkStoreSCP(work / "scp", "ARCHIVE").start()
+    # Accepts CT only: an MR instance queued for it can never be delivered.
+    picky = PynetdicomSCP(
+        "PICKY", contexts=[("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    ).start()
+    cloud = AgentProcess(
+        "q-cloud",
+        work / "cloud",
+        {
+            "nats": nats_section(hub.url, pki, pki.client("cloud")),
+            "targets": [
+                {"ae_title": "ARCHIVE", "host": LOOPBACK, "port": scp.port},
+                {"ae_title": "PICKY", "host": LOOPBACK, "port": picky.port},
+            ],
+        },
+    ).start()
+    port = free_port()
+    edge = AgentProcess("q-edge", work / "edge", edge_config(leaf, pki, port, QUEUE)).start()
+    yield QueueRig(hub, leaf, cloud, edge, scp, picky, port, work)
+    edge.stop()
+    cloud.stop()
+    picky.stop()
+    scp.stop()
+    leaf.stop()
+    hub.stop()
+
+
+def test_queued_store_is_acknowledged_then_delivered_bit_exact(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    rig.scp.clear()
+    files = small_instances(tmp_path / "ct", 5)
+    result = storescu(rig.port, files, "ARCHIVE")
+    assert result.statuses() == ["Success"] * 5, result
+    stored = rig.wait_delivered(5, 30)
+    assert sorted(dataset_bytes(p) for p in stored) == sorted(dataset_bytes(f) for f in files)
+    rig.wait_drained(10)
+    assert pynetdicom_echo(rig.port, "ARCHIVE")[0] == 0
+
+
+def target_stores(rig: QueueRig) -> float:
+    """C-STOREs the cloud agent relayed to its SCPs (each delivery attempt that reached one)."""
+    return rig.cloud.metric("dimse_relay_requests_total", role="target", service="C-STORE")
+
+
+def test_same_instance_twice_is_delivered_once_and_a_changed_one_is_not_dropped(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """Dedupe is by SOP Instance UID plus content digest: a modality's retry of the same
+    instance reaches the target once; different bytes under the same UID are delivered."""
+    rig.scp.clear()
+    (original,) = small_instances(tmp_path / "one", 1)
+    before = target_stores(rig)
+    dupes = rig.edge.metric("dimse_relay_queue_duplicates_total")
+    assert storescu(rig.port, [original], "ARCHIVE").statuses() == ["Success"]
+    assert storescu(rig.port, [original], "ARCHIVE").statuses() == ["Success"]
+    rig.wait_delivered(1, 30)
+    rig.wait_drained(10)
+    assert rig.edge.metric("dimse_relay_queue_duplicates_total") == dupes + 1
+    ds = pydicom.dcmread(original)
+    ds.InstitutionName = "changed content, same UID"
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    assert storescu(rig.port, [changed], "ARCHIVE").statuses() == ["Success"]
+    deadline = time.monotonic() + 30
+    while target_stores(rig) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rig.wait_drained(10)
+    assert target_stores(rig) == before + 2
+    (stored,) = rig.scp.files()  # the SCP keeps one file per UID: the second version
+    assert dataset_bytes(stored) == dataset_bytes(changed)
+
+
+def test_undeliverable_instance_is_dead_lettered_and_managed_from_the_cli(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """An MR instance for a target that accepts CT only: Success for the modality (it is in
+    the queue), then a dead letter with its reason; `dimse-relay queue` lists, retries and
+    purges it."""
+    mr = Path(pydicom.data.get_testdata_file("MR_small.dcm"))
+    assert pynetdicom_store(rig.port, "PICKY", [mr]) == [0]
+    deadline = time.monotonic() + 30
+    while rig.edge.metric("dimse_relay_queue_dead_letters") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listed = rig.cli("--json", "dead-letters")
+    assert listed.returncode == 0, listed.stderr
+    (item,) = json.loads(listed.stdout)
+    assert item["called_ae_title"] == "PICKY"
+    assert "not accepted" in item["reason"]
+    assert item["sop_instance_uid"] == str(pydicom.dcmread(mr).SOPInstanceUID)
+    retried = rig.cli("retry", str(item["seq"]))
+    assert retried.returncode == 0 and "1 dead letter(s) requeued" in retried.stdout, retried
+    deadline = time.monotonic() + 30
+    again: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:  # still undeliverable: back in the dead letters
+        again = json.loads(rig.cli("--json", "dead-letters").stdout)
+        if again:
+            break
+        time.sleep(0.3)
+    assert [d["item_id"] for d in again] == [item["item_id"]]
+    purged = rig.cli("purge", "--all")
+    assert purged.returncode == 0 and "1 dead letter(s) purged" in purged.stdout, purged
+    assert json.loads(rig.cli("--json", "dead-letters").stdout) == []
+    status = json.loads(rig.cli("--json", "status").stdout)
+    assert status["dead_letters"] == 0
+    assert rig.picky.received == {}
+
+
+def test_garbage_in_the_queue_stream_is_dropped_and_delivery_goes_on(
+    rig: QueueRig, pki: TestPKI, tmp_path: Path
+) -> None:
+    async def inject() -> None:
+        import nats
+
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        client = pki.client("tester")
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        nc = await nats.connect(rig.leaf.url, tls=ctx)
+        js = nc.jetstream()
+        await js.publish("dimse.v1.queue.ARCHIVE", b"not an envelope")
+        await js.publish("dimse.v1.queue.ARCHIVE", b"DRLY\x01\x0a\x00\x02{}")
+        await nc.close()
+
+    rejected = rig.edge.metric("dimse_relay_wire_rejected_total")
+    asyncio.run(inject())
+    rig.scp.clear()
+    files = small_instances(tmp_path / "after", 2)
+    assert storescu(rig.port, files, "ARCHIVE").statuses() == ["Success"] * 2
+    assert len(rig.wait_delivered(2, 30)) == 2
+    rig.wait_drained(10)
+    assert rig.edge.metric("dimse_relay_wire_rejected_total") >= rejected + 2
+
+
+def test_outage_with_restarts_loses_nothing_and_duplicates_nothing(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """Cut the site off from the cloud (hub down), queue 500 instances, restart the edge agent
+    and the leaf node meanwhile, restore the link: all 500 arrive once, bit-exact."""
+    files = small_instances(tmp_path / "many", 500)
+    expected = {dataset_bytes(f) for f in files}
+    rig.scp.clear()
+    before = target_stores(rig)
+    rig.hub.stop()
+    try:
+        result = storescu(rig.port, files[:250], "ARCHIVE", timeout=300)
+        assert result.statuses() == ["Success"] * 250, result.output[-2000:]
+        rig.edge.stop()
+        rig.edge.start()
+        rig.leaf.restart()
+        rig.edge.wait_ready(30)
+        result = storescu(rig.port, files[250:], "ARCHIVE", timeout=300)
+        assert result.statuses() == ["Success"] * 250, result.output[-2000:]
+        assert rig.scp.files() == []
+        depth = json.loads(rig.cli("--json", "status").stdout)["depth"]
+        assert depth == 500
+    finally:
+        rig.hub.start()
+    stored = rig.wait_delivered(500, 180)
+    rig.wait_drained(30)
+    assert len(stored) == 500
+    assert {dataset_bytes(p) for p in stored} == expected
+    assert target_stores(rig) == before + 500  # exactly once: no second delivery of any
+
+
+def test_cloud_agent_killed_mid_large_instance_delivers_it_whole_later(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    big = make_large_instance(tmp_path / "big.dcm", 96 * 1024 * 1024)
+    rig.scp.clear()
+    received = rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received")
+    result: dict[str, Any] = {}
+    sender = threading.Thread(
+        target=lambda: result.update(r=storescu(rig.port, [big], "ARCHIVE", timeout=180))
+    )
+    sender.start()
+    deadline = time.monotonic() + 120
+    while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < received + (
+        16 << 20
+    ):
+        assert time.monotonic() < deadline, f"delivery never started\n{rig.edge.log_tail()}"
+        time.sleep(0.05)
+    rig.cloud.kill()
+    sender.join(180)
+    assert result["r"].statuses() == ["Success"], result["r"].output[-2000:]
+    assert rig.scp.files() == []  # nothing partial reached the SCP
+    rig.cloud.start()
+    (stored,) = rig.wait_delivered(1, 180)
+    rig.wait_drained(30)
+    assert dataset_bytes(stored) == dataset_bytes(big)
+
+
+def test_full_edge_queue_refuses_with_out_of_resources_and_keeps_what_it_accepted(
+    rig: QueueRig, pki: TestPKI, tmp_path: Path
+) -> None:
+    """A second, tiny queue on the same leaf (own subject prefix and names) for an AE title
+    nobody serves, so nothing drains it: C-STOREs past its limit get 0xA700; every one that
+    got Success is in the queue."""
+    port = free_port()
+    config = edge_config(
+        rig.leaf,
+        pki,
+        port,
+        {
+            **QUEUE,
+            "stream": "FILL_QUEUE",
+            "dead_letter_stream": "FILL_DEAD",
+            "object_bucket": "FILL_OBJECTS",
+            "max_bytes": 1024 * 1024,
+        },
+    )
+    config["nats"]["subject_prefix"] = "fill"
+    edge = AgentProcess("q-fill", tmp_path / "fill", config).start()
+    try:
+        files = small_instances(tmp_path / "fill-ct", 60)  # ~38 KB each: ~2.3 MB
+        statuses = pynetdicom_store(port, "ARCHIVE", files)
+        accepted = statuses.count(0)
+        assert 0 < accepted < 60, statuses
+        assert set(statuses) == {0, OUT_OF_RESOURCES}, statuses
+        first_refused = statuses.index(OUT_OF_RESOURCES)
+        assert all(s == OUT_OF_RESOURCES for s in statuses[first_refused:]), statuses
+        time.sleep(1.0)
+        status = subprocess.run(
+            [str(DIMSE_RELAY), "queue", "--config", str(edge.config_path), "--json", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert json.loads(status.stdout)["depth"] == accepted, status
+        assert edge.metric("dimse_relay_queue_refused_total", reason="full") == 60 - accepted
+    finally:
+        edge.stop()
