@@ -85,6 +85,28 @@ def test_a_site_without_peers_gets_nothing_it_does_not_need() -> None:
     ]
 
 
+def test_queued_listeners_get_their_own_queue_assets_only() -> None:
+    """A site with a queued listener may use its queue's JetStream API (names from its queue
+    section), never delete a stream; the leaf node's own link (jetstream=False) gets none."""
+    import copy
+
+    sites = copy.deepcopy(SITES)
+    sites["hosp"]["listeners"][0]["mode"] = "queued"
+    sites["hosp"]["queue"] = {"stream": "HOSP_Q"}
+    allow = relay.relay_site_permissions(sites, "hosp", "dimse")["publish"]["allow"]
+    assert "$JS.API.STREAM.CREATE.HOSP_Q" in allow
+    assert "$JS.API.CONSUMER.MSG.NEXT.HOSP_Q.>" in allow
+    assert "$JS.API.STREAM.INFO.OBJ_DIMSE_OBJECTS" in allow  # default bucket name
+    assert "dimse.v1.queue.>" in allow and "$O.DIMSE_OBJECTS.>" in allow
+    assert not [a for a in allow if "DELETE.HOSP_Q" in a or ".STREAM.DELETE." in a]
+    assert "$JS.API.STREAM.MSG.DELETE.DIMSE_DEAD" in allow  # the CLI's retry and purge
+    assert not [a for a in allow if "DIMSE_QUEUE" in a]
+    leaf = relay.relay_site_permissions(sites, "hosp", "dimse", False)["publish"]["allow"]
+    assert not [a for a in leaf if a.startswith("$")]
+    sync = relay.relay_site_permissions(SITES, "hosp", "dimse")["publish"]["allow"]
+    assert not [a for a in sync if a.startswith("$")]
+
+
 def test_client_dn_matches_what_nats_prints() -> None:
     assert relay.relay_client_dn("edge1", "hosp") == "CN=agent.edge1,OU=hosp,O=dimse-relay"
     assert relay.relay_client_dn("edge1", "hosp", "leaf") == "CN=leaf.edge1,OU=hosp,O=dimse-relay"
@@ -123,6 +145,18 @@ def test_well_formed_sites_have_no_problems() -> None:
         (
             lambda s: s["other"]["targets"][0].update(colour="red"),
             "dimse_relay_sites.other.targets[0]: unknown keys ['colour']",
+        ),
+        (
+            lambda s: s["hosp"]["listeners"][0].update(mode="later"),
+            "dimse_relay_sites.hosp.listeners[0].mode: must be one of ['sync', 'queued']",
+        ),
+        (
+            lambda s: s["hosp"].update(queue={"max_byte": 1}),
+            "dimse_relay_sites.hosp.queue: unknown keys ['max_byte']",
+        ),
+        (
+            lambda s: s["hosp"].update(queue={"stream": "A.B"}),
+            "dimse_relay_sites.hosp.queue.stream: JetStream names are",
         ),
     ],
 )

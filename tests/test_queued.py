@@ -328,3 +328,90 @@ def test_full_edge_queue_refuses_with_out_of_resources_and_keeps_what_it_accepte
         assert edge.metric("dimse_relay_queue_refused_total", reason="full") == 60 - accepted
     finally:
         edge.stop()
+
+
+def _collection_filters() -> Any:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("relay_filters", root / "plugins/filter/relay.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_collection_permissions_are_enough_for_queued_mode_and_no_more(
+    rig: QueueRig, pki: TestPKI, tmp_path: Path
+) -> None:
+    """A leaf node whose edge user has exactly what the collection grants a site with a queued
+    listener (plugins/filter/relay.py): the queue works end to end and the CLI with it, while
+    JetStream assets other than the site's own stay out of reach."""
+    sites = {
+        "site": {
+            "zone": "edge",
+            "listeners": [{"ae_title": "ARCHIVE", "port": 1, "mode": "queued"}],
+        },
+        "cloud": {"zone": "cloud", "targets": [{"ae_title": "ARCHIVE", "host": "x", "port": 1}]},
+    }
+    permissions = _collection_filters().relay_site_permissions(sites, "site", "dimse")
+    users = [{"user": "CN=edge,O=dimse-relay tests", "permissions": permissions}]
+    leaf = LeafServer(tmp_path / "leaf", pki, rig.hub, pki.client("tester"), domain="edge-perm")
+    leaf.users = users
+    leaf.start()
+    port = free_port()
+    config = edge_config(leaf, pki, port, QUEUE)
+    config["nats"]["inbox_prefix"] = "_INBOX.site"
+    edge = AgentProcess("q-perm", tmp_path / "edge", config)
+    try:
+        edge.start()
+        rig.scp.clear()
+        files = small_instances(tmp_path / "ct", 3)
+        big = make_large_instance(tmp_path / "big.dcm", 4 * 1024 * 1024)  # through the bucket
+        assert storescu(port, [*files, big], "ARCHIVE").statuses() == ["Success"] * 4
+        stored = rig.wait_delivered(4, 60)
+        assert sorted(dataset_bytes(p) for p in stored) == sorted(
+            dataset_bytes(f) for f in [*files, big]
+        )
+        status = subprocess.run(
+            [str(DIMSE_RELAY), "queue", "--config", str(edge.config_path), "--json", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        assert not [x for x in edge.log_lines() if "ermission" in str(x)], edge.log_tail()
+
+        async def forbidden() -> list[str]:
+            import nats
+
+            ctx = ssl.create_default_context(cafile=str(pki.ca))
+            client = pki.client("edge")
+            ctx.load_cert_chain(str(client.cert), str(client.key))
+            errors: list[str] = []
+
+            async def on_error(exc: Exception) -> None:
+                errors.append(str(exc))
+
+            nc = await nats.connect(
+                leaf.url, tls=ctx, inbox_prefix="_INBOX.site", error_cb=on_error
+            )
+            js = nc.jetstream(timeout=2)
+            for attempt in (
+                js.add_stream(name="OTHER", subjects=["other.>"]),
+                js.delete_stream("DIMSE_QUEUE"),
+            ):
+                try:
+                    await attempt
+                    errors.append("allowed")
+                except Exception as exc:
+                    errors.append(type(exc).__name__)
+            await nc.close()
+            return errors
+
+        outcome = asyncio.run(forbidden())
+        assert "allowed" not in outcome, outcome
+        assert any("ermissions violation" in e for e in outcome), outcome
+    finally:
+        edge.stop()
+        leaf.stop()

@@ -431,7 +431,9 @@ class QueueConfig(_Strict):
     domain: str | None = None
     replicas: int = Field(default=1, ge=1, le=5)
     # Limits: a C-STORE that would pass them is refused with 0xA700 (out of resources).
-    max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
+    # The server reserves 2.1 x max_bytes (queue stream, bucket, dead letters): the default
+    # fits the 10G max_file_store of the collection's leaf nodes.
+    max_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)
     max_items: int = Field(default=1_000_000, ge=1)
     # Instances up to this size travel inside the queue message; larger ones in the bucket.
     inline_max_bytes: int = Field(default=512 * 1024, ge=0, le=4 * 1024 * 1024)

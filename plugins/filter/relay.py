@@ -42,6 +42,33 @@ TARGET_KEYS = (
     "dicomweb",
 )
 TARGET_KINDS = ("scp", "filesystem", "dicomweb")
+LISTENER_MODES = ("sync", "queued")
+# The agent's queue section (dimse_relay.config.QueueConfig), per site.
+QUEUE_KEYS = (
+    "stream",
+    "dead_letter_stream",
+    "object_bucket",
+    "domain",
+    "replicas",
+    "max_bytes",
+    "max_items",
+    "inline_max_bytes",
+    "object_chunk_bytes",
+    "duplicate_window_s",
+    "max_attempts",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "concurrency",
+    "ack_wait_s",
+    "write_timeout_s",
+    "stats_interval_s",
+)
+QUEUE_DEFAULT_NAMES = {
+    "stream": "DIMSE_QUEUE",
+    "dead_letter_stream": "DIMSE_DEAD",
+    "object_bucket": "DIMSE_OBJECTS",
+}
+_JS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class FilterError(ValueError):
@@ -71,12 +98,55 @@ def relay_inbox_prefix(site: str) -> str:
     return f"_INBOX.{site}"
 
 
-def relay_site_permissions(sites: dict[str, Any], site: str, prefix: str = "dimse") -> dict:
+def _queue_permissions(spec: dict[str, Any], prefix: str) -> list[str]:
+    """What an agent with queued listeners publishes on its own JetStream (the leaf node's):
+    the API of its three assets only, their acks and flow control, and the queue subjects."""
+    queue = {**QUEUE_DEFAULT_NAMES, **(spec.get("queue") or {})}
+    streams = [queue["stream"], queue["dead_letter_stream"], f"OBJ_{queue['object_bucket']}"]
+    api = "$JS.API" if not queue.get("domain") else f"$JS.{queue['domain']}.API"
+    # STREAM.NAMES: nats-py looks up the bucket's stream by subject to read an object. No
+    # STREAM.DELETE or CONSUMER.DELETE on the queue: an agent cannot drop what it queued.
+    subjects = [f"{api}.INFO", f"{api}.STREAM.NAMES"]
+    for index, stream in enumerate(streams):
+        # Messages are removed from the queue only by acks; dead letters and objects by the
+        # CLI's retry/purge and the deliverer's cleanup.
+        subjects += [f"{api}.STREAM.{verb}.{stream}" for verb in ("CREATE", "UPDATE", "INFO")]
+        subjects.append(f"{api}.STREAM.MSG.GET.{stream}")
+        if index == 1:
+            subjects.append(f"{api}.STREAM.MSG.DELETE.{stream}")
+        if index == 2:
+            subjects.append(f"{api}.STREAM.PURGE.{stream}")
+        subjects += [
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"{api}.CONSUMER.INFO.{stream}.>",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+            f"{api}.DIRECT.GET.{stream}",
+            f"{api}.DIRECT.GET.{stream}.>",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    # Reading an object uses an ordered consumer, which nats-py deletes when done.
+    subjects.append(f"{api}.CONSUMER.DELETE.{streams[2]}.>")
+    subjects += [
+        f"{prefix}.{SUBJECT_VERSION}.queue.>",
+        f"{prefix}.{SUBJECT_VERSION}.dead.>",
+        f"$O.{queue['object_bucket']}.>",
+    ]
+    return subjects
+
+
+def relay_site_permissions(
+    sites: dict[str, Any], site: str, prefix: str = "dimse", jetstream: bool = True
+) -> dict:
     """Least-privilege NATS permissions for the agents (and leaf node) of one site.
 
     Listener side: publish the open and session subjects of the AETs it relays to, subscribe
     its own reply inbox. Target side: subscribe the open and session subjects of its own AETs,
-    publish replies into the inboxes of the sites whose listeners relay to those AETs.
+    publish replies into the inboxes of the sites whose listeners relay to those AETs. A site
+    with queued listeners also gets its edge queue's JetStream API (``jetstream``: not for
+    the leaf node's own connection to the cluster, whose JetStream stays in its domain).
     """
     if site not in sites:
         raise FilterError(f"relay_site_permissions: unknown site {site!r}")
@@ -105,6 +175,8 @@ def relay_site_permissions(sites: dict[str, Any], site: str, prefix: str = "dims
     for other in sorted(sites):
         if any(_far_aet(lst) in own for lst in (sites[other] or {}).get("listeners") or []):
             publish.append(f"{relay_inbox_prefix(other)}.>")
+    if jetstream and any(lst.get("mode") == "queued" for lst in listeners):
+        publish += _queue_permissions(spec, prefix)
 
     def side(subjects: list[str]) -> dict[str, list[str]]:
         unique = list(dict.fromkeys(subjects))
@@ -150,6 +222,19 @@ def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str
         spec = spec or {}
         if spec.get("zone") not in ("edge", "cloud"):
             problems.append(f"{here}.zone: must be 'edge' or 'cloud'")
+        queue = spec.get("queue")
+        if queue is not None:
+            if not isinstance(queue, dict):
+                problems.append(f"{here}.queue: must be a mapping (docs/queued-mode.md)")
+            else:
+                unknown = sorted(set(queue) - set(QUEUE_KEYS))
+                if unknown:
+                    problems.append(f"{here}.queue: unknown keys {unknown}")
+                for key in QUEUE_DEFAULT_NAMES:
+                    if key in queue and not _JS_NAME.match(str(queue[key])):
+                        problems.append(
+                            f"{here}.queue.{key}: JetStream names are letters, digits, '_' and '-'"
+                        )
         ports: dict[tuple[str, int], str] = {}
         for idx, lst in enumerate(spec.get("listeners") or []):
             w = f"{here}.listeners[{idx}]"
@@ -161,6 +246,8 @@ def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str
                     problem = _ae_problem(f"{w}.{key}", lst[key])
                     if problem:
                         problems.append(problem)
+            if lst.get("mode", "sync") not in LISTENER_MODES:
+                problems.append(f"{w}.mode: must be one of {list(LISTENER_MODES)}")
             for idx2, aet in enumerate(lst.get("allowed_calling_aets") or []):
                 problem = _ae_problem(f"{w}.allowed_calling_aets[{idx2}]", aet)
                 if problem:

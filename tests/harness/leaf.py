@@ -66,8 +66,11 @@ class LeafServer(NatsServer):
             "domain": self.domain,
             "max_file_store": self.max_file_store,
         }
+        local = ["dimse.v1.queue.>", "dimse.v1.dead.>", "$O.>"]  # as roles/nats_server
         remote = {
             "urls": [f"tls://localhost:{self.hub.leaf_port}"],
+            "deny_exports": local,
+            "deny_imports": local,
             "tls": {
                 "cert_file": str(self.client.cert),
                 "key_file": str(self.client.key),
