@@ -40,8 +40,10 @@ from tests.harness.dicom import (  # noqa: E402
     ScuResult,
     dataset_bytes,
     make_large_instance,
+    small_instances,
     storescu,
 )
+from tests.harness.leaf import HubServer, LeafServer  # noqa: E402
 from tests.harness.nats import NatsServer  # noqa: E402
 from tests.harness.orthanc import Orthanc  # noqa: E402
 from tests.harness.pki import TestPKI, make_pki  # noqa: E402
@@ -60,7 +62,6 @@ from workload import (  # noqa: E402
     move_study,
     nats_rtt,
     percentile,
-    small_instances,
     upload,
 )
 
@@ -411,6 +412,137 @@ class Bench:
                 ratio >= 0.20,
             )
         )
+
+    def queued_store(self, port: int, files: list[Path], label: str) -> float:
+        """storescu into a queued listener: the seconds until the modality had every Success
+        (the acknowledgement rate), then wait until all are delivered to storescp."""
+        assert self.scp is not None
+        self.scp.clear()
+        delivered = self.edge.metric(
+            "dimse_relay_queue_delivery_attempts_total", result="delivered"
+        )
+        started = time.monotonic()
+        result = storescu(port, files, SCP_AET, calling=SCU_AET, timeout=1800)
+        if result.returncode != 0 or result.statuses() != ["Success"] * len(files):
+            raise BenchFailure(f"{label}: storescu rc={result.returncode}\n{result.output[-3000:]}")
+        # Delivered = the target's Success came back (storescp's file is complete), not merely
+        # that storescp has begun writing a file.
+        deadline = time.monotonic() + 600
+        while self.edge.metric(
+            "dimse_relay_queue_delivery_attempts_total", result="delivered"
+        ) < delivered + len(files):
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"{label}: not all delivered within 600 s")
+            time.sleep(0.05)
+        # Informational: from the first C-STORE until storescp had them all.
+        self.analysis.setdefault("queued_all_delivered_s", {})[label] = round(
+            time.monotonic() - started, 2
+        )
+        return result.elapsed
+
+    def bench_queued(self) -> None:
+        """Queued mode (docs/queued-mode.md): a hub (cloud) and a site leaf node with its own
+        JetStream; the edge agent's listener acknowledges once the instance is in the leaf's
+        JetStream. Direct DCMTK -> storescp vs the modality's acknowledgement rate."""
+        assert self.pki is not None and self.scp is not None
+        hub = HubServer(self.work / "q-hub", self.pki).start()
+        self.stack.callback(hub.stop)
+        leaf = LeafServer(
+            self.work / "q-leaf", self.pki, hub, self.pki.client("tester"), max_file_store="4G"
+        ).start()
+        self.stack.callback(leaf.stop)
+        cloud = AgentProcess(
+            "cloud-queued",
+            self.work / "cloud-queued",
+            {
+                "nats": nats_section(hub.url, self.pki, self.pki.client("cloud")),
+                "targets": [{"ae_title": SCP_AET, "host": "127.0.0.1", "port": self.scp.port}],
+            },
+        )
+        port = free_port()
+        edge = AgentProcess(
+            "edge-queued",
+            self.work / "edge-queued",
+            {
+                "nats": nats_section(leaf.url, self.pki, self.pki.client("edge")),
+                "listeners": [
+                    {"ae_title": SCP_AET, "bind": "127.0.0.1", "port": port, "mode": "queued"}
+                ],
+                "queue": {"max_bytes": 1536 * MIB},
+            },
+        )
+        for agent in (cloud, edge):
+            self.agents.append(agent)
+            self.stack.callback(agent.stop)
+            agent.start()
+        self.edge = edge
+        count = self.params["small_count"]
+        log(f"queued: {count} small instances, then one of {self.params['large_mib']} MiB")
+        # Fresh SOP Instance UIDs for every round: the queue stores a repeated instance once.
+        self.queued_store(port, small_instances(self.work / "q-warm", 1), "queued warm-up")
+        runs: dict[str, list[float]] = {"direct": [], "queued": []}
+        for rnd in range(REPEATS):
+            files = small_instances(self.work / f"q-small-{rnd}", count)
+            result = self.store(self.scp.port, files, f"small direct #{rnd + 1}", timeout=600)
+            reference = check_small_stored(count, self.scp.files(), "direct")
+            runs["direct"].append(count / result.elapsed)
+            elapsed = self.queued_store(port, files, f"small queued #{rnd + 1}")
+            check_small_stored(count, self.scp.files(), f"small queued #{rnd + 1}", reference)
+            runs["queued"].append(count / elapsed)
+            log(
+                f"  #{rnd + 1}: direct {runs['direct'][-1]:.0f}/s, acked {runs['queued'][-1]:.0f}/s"
+            )
+        rates = {mode: median(v) for mode, v in runs.items()}
+        self.analysis["queued_small_runs_inst_s"] = runs
+        for rnd in range(REPEATS):
+            shutil.rmtree(self.work / f"q-small-{rnd}")
+        ratio = rates["queued"] / rates["direct"]
+        self.rows.append(
+            Row(
+                f"queued C-STORE {count} small, ack rate, med/3",
+                "inst/s",
+                rates["direct"],
+                rates["queued"],
+                ratio,
+                "ack >= 50% of direct",
+                ratio >= 0.50,
+            )
+        )
+        size = self.params["large_mib"] * MIB
+        large: dict[str, list[float]] = {"direct": [], "queued": []}
+        for rnd in range(REPEATS):
+            src = make_large_instance(self.work / "q-large.dcm", size)
+            digest = dataset_digest(src)
+            total = src.stat().st_size
+            large["direct"].append(
+                total / self.store_large(self.scp.port, src, digest, "large direct") / MB
+            )
+            elapsed = self.queued_store(port, [src], f"large queued #{rnd + 1}")
+            (stored,) = self.scp.files()
+            if dataset_digest(stored) != digest:
+                raise BenchFailure("large queued: delivered dataset differs from the sent one")
+            stored.unlink()
+            large["queued"].append(total / elapsed / MB)
+            log(
+                f"  large #{rnd + 1}: direct {large['direct'][-1]:.0f} MB/s, "
+                f"acked {large['queued'][-1]:.0f} MB/s"
+            )
+            src.unlink()
+        rates = {mode: median(v) for mode, v in large.items()}
+        self.analysis["queued_large_runs_MB_s"] = large
+        self.rows.append(
+            Row(
+                f"queued C-STORE 1 x {self.params['large_mib']} MiB, ack, med/3",
+                "MB/s",
+                rates["direct"],
+                rates["queued"],
+                rates["queued"] / rates["direct"],
+                "-",
+                None,
+            )
+        )
+        for agent in (edge, cloud):
+            agent.stop()
 
     def bench_echo(self, port: int) -> None:
         count = self.params["echo_count"]
@@ -770,6 +902,7 @@ class Bench:
             self.bench_small(port)
             self.bench_large(port)
             self.stop_relay()
+            self.bench_queued()
             self.bench_qr()
             self.bench_rss()
 

@@ -63,11 +63,33 @@ class QueueRig:
             time.sleep(0.2)
         return self.scp.files()
 
-    def wait_drained(self, timeout: float) -> None:
+    def wait_stored(self, expected: list[bytes], timeout: float) -> list[bytes]:
+        """Poll until the SCP holds exactly the datasets ``expected`` (a file storescp is
+        still writing reads short, so this never compares a half-written file)."""
         deadline = time.monotonic() + timeout
+        got: list[bytes] = []
+        while time.monotonic() < deadline:
+            try:
+                got = sorted(dataset_bytes(p) for p in self.scp.files())
+            except Exception:  # a file being written
+                got = []
+            if got == sorted(expected):
+                break
+            time.sleep(0.2)
+        return got
+
+    def wait_drained(self, timeout: float) -> None:
+        """The edge queue empty (every item acknowledged after the target's Success), seen in
+        two stats polls a poll interval apart, so not a reading from before the items came."""
+        deadline = time.monotonic() + timeout
+        empty_since: float | None = None
         while time.monotonic() < deadline:
             if self.edge.metric("dimse_relay_queue_depth") == 0:
-                return
+                empty_since = empty_since or time.monotonic()
+                if time.monotonic() - empty_since > 2 * QUEUE["stats_interval_s"]:
+                    return
+            else:
+                empty_since = None
             time.sleep(0.2)
         raise AssertionError(f"edge queue not drained\n{self.edge.log_tail()}")
 
@@ -131,8 +153,8 @@ def test_queued_store_is_acknowledged_then_delivered_bit_exact(
     files = small_instances(tmp_path / "ct", 5)
     result = storescu(rig.port, files, "ARCHIVE")
     assert result.statuses() == ["Success"] * 5, result
-    stored = rig.wait_delivered(5, 30)
-    assert sorted(dataset_bytes(p) for p in stored) == sorted(dataset_bytes(f) for f in files)
+    expected = [dataset_bytes(f) for f in files]
+    assert rig.wait_stored(expected, 30) == sorted(expected)
     rig.wait_drained(10)
     assert pynetdicom_echo(rig.port, "ARCHIVE")[0] == 0
 
@@ -283,8 +305,9 @@ def test_cloud_agent_killed_mid_large_instance_delivers_it_whole_later(
     assert result["r"].statuses() == ["Success"], result["r"].output[-2000:]
     assert rig.scp.files() == []  # nothing partial reached the SCP
     rig.cloud.start()
-    (stored,) = rig.wait_delivered(1, 180)
-    rig.wait_drained(30)
+    rig.wait_delivered(1, 180)
+    rig.wait_drained(60)
+    (stored,) = rig.scp.files()
     assert dataset_bytes(stored) == dataset_bytes(big)
 
 
@@ -369,10 +392,8 @@ def test_collection_permissions_are_enough_for_queued_mode_and_no_more(
         files = small_instances(tmp_path / "ct", 3)
         big = make_large_instance(tmp_path / "big.dcm", 4 * 1024 * 1024)  # through the bucket
         assert storescu(port, [*files, big], "ARCHIVE").statuses() == ["Success"] * 4
-        stored = rig.wait_delivered(4, 60)
-        assert sorted(dataset_bytes(p) for p in stored) == sorted(
-            dataset_bytes(f) for f in [*files, big]
-        )
+        expected = [dataset_bytes(f) for f in [*files, big]]
+        assert rig.wait_stored(expected, 60) == sorted(expected)
         status = subprocess.run(
             [str(DIMSE_RELAY), "queue", "--config", str(edge.config_path), "--json", "status"],
             capture_output=True,

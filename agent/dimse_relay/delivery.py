@@ -2,12 +2,13 @@
 target through the ordinary relay protocol (session.py), as the modality would have.
 
 Per item (docs/queued-mode.md):
-- the far side unreachable (no agent answers, NATS or the WAN down): an outage, not a failed
-  attempt. The deliverer keeps the item (extending its ack deadline) and asks again every
-  ``outage_probe_s``; nothing is dead-lettered however long the outage lasts.
+- the far side unreachable (no agent subscribed: NATS, the leaf link or the far agents
+  down): an outage, not a failed attempt. The deliverer keeps the item (extending its ack
+  deadline) and asks again every ``outage_probe_s``; nothing is dead-lettered however long
+  the outage lasts.
 - the target answered Success or a Warning: acknowledged, its object deleted.
 - a permanent failure (association rejected permanently, SOP class or transfer syntax not
-  accepted, a 0xA9xx/0xCxxx/0x0122/0x0124 status): dead-lettered at once.
+  accepted, a status of ``is_permanent_status``): dead-lettered at once.
 - any other failure: retried after an exponential backoff; after ``max_attempts``
   deliveries, dead-lettered with the last reason.
 
@@ -61,7 +62,7 @@ def is_permanent_status(status: int) -> bool:
     return (
         0xA900 <= status <= 0xA9FF
         or 0xC000 <= status <= 0xCFFF
-        or status in (0x0122, 0x0124, 0x0211, 0x0117, 0x0118)
+        or status in (0x0111, 0x0122, 0x0124, 0x0211, 0x0117, 0x0118)
     )
 
 
@@ -205,7 +206,7 @@ class Deliverer:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)
         except (asyncio.CancelledError, Outage):
-            # Shutting down: the item stays in the queue and is redelivered after ack_wait.
+            # Shutting down: the item goes back to the queue at once (nak without delay).
             with contextlib.suppress(Exception):
                 await msg.nak()
             raise
@@ -234,7 +235,16 @@ class Deliverer:
         attempt: int,
     ) -> None:
         seq = int(msg.metadata.sequence.stream)
-        await self.queue.dead_letter(header, body, reason, status, attempt, seq)
+        try:
+            await self.queue.dead_letter(header, body, reason, status, attempt, seq)
+        except Exception as exc:  # e.g. the dead-letter stream is full: keep the item queued
+            LOG.error(
+                "could not dead-letter a queued instance; it stays queued",
+                extra={"item": header.item_id, "error": type(exc).__name__, "why": reason},
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.qcfg.backoff_max_s)
+            return
         await msg.ack_sync(timeout=self.qcfg.write_timeout_s)
         metrics.QUEUE_ATTEMPTS.labels(result="dead_letter").inc()
         LOG.error(
@@ -285,7 +295,9 @@ class Deliverer:
                 timeout_s=timeouts.open_s,
             )
         except RelayError as exc:
-            if exc.failure.reason in _OUTAGE_REASONS or exc.failure.reason == "timeout":
+            # No responders (the link or the far agents are down) is an outage; a timeout
+            # (a far agent answering slowly, e.g. its SCP host not answering) is an attempt.
+            if exc.failure.reason in _OUTAGE_REASONS:
                 raise Outage() from None
             raise TransientFailure(str(exc)) from None
         except Exception:
@@ -333,9 +345,11 @@ class Deliverer:
             except RelayError as exc:
                 raise TransientFailure(str(exc)) from None
             status = int(response.Status)
-            if status == 0 or 0xB000 <= status <= 0xBFFF or status == 0x0107:
+            if metrics.status_class(status) in ("success", "warning"):
                 return status
             why = f"target returned 0x{status:04X}"
+            if status == 0x0111:
+                why = "target already holds another instance with this SOP Instance UID"
             if is_permanent_status(status):
                 raise PermanentFailure(why, status)
             raise TransientFailure(why, status)

@@ -90,6 +90,11 @@ QUEUE_DEAD_LETTERED = Counter(
     "Queued instances moved to the dead-letter stream",
     registry=REGISTRY,
 )
+# Every label value exists from the start (at 0), so rates and alerts work before the first event.
+for _reason in ("full", "unavailable"):
+    QUEUE_REFUSED.labels(reason=_reason)
+for _result in ("delivered", "retry", "dead_letter"):
+    QUEUE_ATTEMPTS.labels(result=_result)
 
 
 def status_class(status: int) -> str:

@@ -21,6 +21,7 @@ Coroutines here run on the NATS loop (transport.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -241,6 +242,7 @@ class EdgeQueue:
                 await self.delete_object(header.object_name)
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
+            self._ready = False  # set up again next time (the streams may have gone)
             raise QueueUnavailable(type(exc).__name__) from None
         if ack.duplicate:
             if header.object_name:
@@ -282,8 +284,15 @@ class EdgeQueue:
             raise QueueUnavailable("object size mismatch")
 
     async def delete_object(self, name: str) -> None:
+        """Delete an object and its delete marker (which would otherwise stay in the bucket
+        and count against max_bytes, one per delivered large instance)."""
         with contextlib.suppress(Exception):
             await self.objects().delete(name)
+            meta = base64.urlsafe_b64encode(name.encode()).decode()
+            await self.js().purge_stream(
+                f"OBJ_{self.cfg.object_bucket}",
+                subject=f"$O.{self.cfg.object_bucket}.M.{meta}",
+            )
 
     # -- statistics ------------------------------------------------------------------------
     async def refresh_stats(self) -> QueueStats:
