@@ -124,6 +124,7 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.queue.invalidate()
                 LOG.warning(
                     "edge queue delivery paused, retrying",
                     extra={"error": type(exc).__name__, "detail": str(exc)[:200], "retry_s": delay},

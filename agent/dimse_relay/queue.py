@@ -123,6 +123,11 @@ class EdgeQueue:
     def ready(self) -> bool:
         return self._ready
 
+    def invalidate(self) -> None:
+        """Set the assets up again before the next use (after an error that may mean they
+        are gone)."""
+        self._ready = False
+
     def _stream_configs(self) -> list[api.StreamConfig]:
         cfg = self.cfg
         return [
@@ -242,7 +247,7 @@ class EdgeQueue:
                 await self.delete_object(header.object_name)
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
-            self._ready = False  # set up again next time (the streams may have gone)
+            self.invalidate()  # the streams may have gone
             raise QueueUnavailable(type(exc).__name__) from None
         if ack.duplicate:
             if header.object_name:
