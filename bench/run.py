@@ -541,6 +541,21 @@ class Bench:
                 None,
             )
         )
+        # Both agents stream the instance (listener -> bucket, bucket -> spool -> target):
+        # their peak RSS stays far below the instance size.
+        rss = {a.name: a.peak_rss_kib() / 1024 for a in (edge, cloud)}
+        self.analysis["queued_peak_rss_mib"] = rss
+        self.rows.append(
+            Row(
+                f"queued peak RSS edge/cloud, {self.params['large_mib']} MiB instances",
+                "MiB",
+                None,
+                max(rss.values()),
+                None,
+                "-",
+                None,
+            )
+        )
         for agent in (edge, cloud):
             agent.stop()
 

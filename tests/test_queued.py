@@ -436,3 +436,43 @@ def test_collection_permissions_are_enough_for_queued_mode_and_no_more(
     finally:
         edge.stop()
         leaf.stop()
+
+
+def test_queued_listener_negotiates_like_the_target_also_during_an_outage(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """DCMTK's storescu offers an Implicit VR file in two contexts; the target (storescp)
+    takes Explicit VR there, so storescu converts. A queued listener accepts what the target
+    accepts (asked at association time, remembered for the outage), so what arrives is what
+    the same modality stores directly at the target, byte for byte."""
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("rtplan.dcm"))
+    assert src.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    copies = []
+    for name in ("up.dcm", "outage.dcm"):
+        src.SOPInstanceUID = pydicom.uid.generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        src.save_as(tmp_path / name)
+        copies.append(tmp_path / name)
+
+    def direct(path: Path) -> bytes:
+        rig.scp.clear()
+        assert storescu(rig.scp.port, [path], "ARCHIVE", extra=["-R"]).statuses() == ["Success"]
+        (stored,) = rig.wait_delivered(1, 10)
+        time.sleep(0.5)
+        data = dataset_bytes(stored)
+        rig.scp.clear()
+        return data
+
+    up, outage = (direct(p) for p in copies)
+    assert storescu(rig.port, [copies[0]], "ARCHIVE", extra=["-R"]).statuses() == ["Success"]
+    assert rig.wait_stored([up], 30) == [up]
+    rig.wait_drained(10)
+    rig.scp.clear()
+    rig.hub.stop()
+    try:
+        result = storescu(rig.port, [copies[1]], "ARCHIVE", extra=["-R"])
+        assert result.statuses() == ["Success"], result.output[-2000:]
+    finally:
+        rig.hub.start()
+    assert rig.wait_stored([outage], 60) == [outage]
+    rig.wait_drained(30)

@@ -48,6 +48,7 @@ from dimse_relay.dicom import (
 from dimse_relay.envelope import (
     CancelHeader,
     ContextProposal,
+    ContextResult,
     EnvelopeError,
     ErrorHeader,
     OpenResultHeader,
@@ -133,6 +134,9 @@ class ListenerServer:
         self.retrieve_dir = agent_cfg.work_dir / "retrieved"
         self.retrieve_dir.mkdir(exist_ok=True, mode=0o700)
         self._relayed: dict[int, RelayedAssociation] = {}
+        # Queued listeners: what the real target accepted, per (listener, calling AET,
+        # proposal), used while the far side cannot be asked.
+        self._negotiated: dict[tuple[Any, ...], list[ContextResult]] = {}
 
     # -- server lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -226,11 +230,7 @@ class ListenerServer:
         with self._lock:
             self._relayed[id(assoc)] = relayed
         if lcfg.mode == "queued":
-            # The edge queue is the durable endpoint: accept what we can queue, without asking
-            # the far side (which may be unreachable for hours). Other services than C-STORE
-            # and C-ECHO are still relayed, with a session opened on first use.
-            metrics.ASSOCIATIONS.labels(role="listener", result="accepted_queued").inc()
-            assoc.acceptor.supported_contexts = self._fallback
+            self._negotiate_queued(relayed)
             return
         try:
             result = self._open_far(relayed)
@@ -261,6 +261,55 @@ class ListenerServer:
         LOG.warning("target SCP unreachable; accepting locally", extra=log_extra)
         metrics.ASSOCIATIONS.labels(role="listener", result="accepted_fallback").inc()
         assoc.acceptor.supported_contexts = self._fallback
+
+    def _negotiate_queued(self, relayed: RelayedAssociation) -> None:
+        """Queued mode: accept what the real target accepts when the far side answers (the
+        SCU then sends the transfer syntax the target would get in sync mode, and a SOP class
+        the target refuses is refused now rather than dead-lettered later); during an outage
+        accept what it accepted for the same proposal before, else the fallback contexts.
+        The far session, when there is one, serves the other services (C-FIND, ...)."""
+        assoc = relayed.assoc
+        key = (
+            relayed.listener.ae_title,
+            relayed.calling_ae_title,
+            tuple((p.id, p.abstract_syntax, tuple(p.transfer_syntaxes)) for p in relayed.proposals),
+        )
+        try:
+            result: OpenResultHeader | None = self._open_far(relayed)
+        except RelayError:
+            result = None
+        if result is not None and result.result == "rejected":
+            metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
+            LOG.info("association rejected by the target", extra=relayed.log_extra)
+            _reject(assoc, *_valid_reject(result))
+            with self._lock:
+                self._relayed.pop(id(assoc), None)
+            return
+        accepted = None
+        if result is not None and result.result == "accepted":
+            assert result.session_subject is not None  # checked by open_session
+            if not self._attach_session(relayed, result.session_subject):
+                return
+            accepted = result.accepted
+            with self._lock:
+                self._negotiated[key] = accepted
+                while len(self._negotiated) > 1024:
+                    self._negotiated.pop(next(iter(self._negotiated)))
+        else:
+            with self._lock:
+                accepted = self._negotiated.get(key)
+        if result is not None and result.result == "accepted":
+            source = "target"
+        else:
+            source = "remembered" if accepted is not None else "local"
+        metrics.ASSOCIATIONS.labels(role="listener", result="accepted_queued").inc()
+        assoc.acceptor.supported_contexts = (
+            contexts_from_results(accepted) if accepted is not None else self._fallback
+        )
+        LOG.info(
+            "association accepted for the edge queue",
+            extra={**relayed.log_extra, "negotiated": source},
+        )
 
     def _open_far(self, relayed: RelayedAssociation) -> OpenResultHeader:
         lcfg = relayed.listener
