@@ -275,7 +275,8 @@ def test_agent_deployments(rendered: dict[str, Path]) -> None:
     assert "emptyDir" in volumes["work"] and mounts["work"] == "/var/lib/dimse-relay"
     config = yaml.safe_load(one(objs, "ConfigMap", "dimse-relay-ai-config")["data"]["agent.yaml"])
     assert config["work_dir"] == "/var/lib/dimse-relay"
-    assert config["http"] == {"host": "0.0.0.0", "port": 9102}
+    # readiness does not depend on the (shared) targets by default (docs/operations.md#readiness)
+    assert config["http"] == {"host": "0.0.0.0", "port": 9102, "ready_requires_targets": False}
     assert config["nats"]["servers"] == ["tls://nats.dimse-relay.svc.cluster.local:4222"]
     assert config["nats"]["inbox_prefix"] == "_INBOX.cloud"
     assert [t["ae_title"] for t in config["targets"]] == ["AI_ROUTER"]
@@ -398,7 +399,13 @@ def loopback(tmp_path_factory: pytest.TempPathFactory):
                 "dimse_relay_k8s_namespace": "relay-test",
                 "dimse_relay_k8s_agents": [
                     {"name": "edge", "site": "edge", "replicas": 1},
-                    {"name": "cloud", "site": "cloud", "replicas": 1},
+                    # its readiness waits for its SCP (entry key; the role default is off)
+                    {
+                        "name": "cloud",
+                        "site": "cloud",
+                        "replicas": 1,
+                        "ready_requires_targets": True,
+                    },
                 ],
                 "dimse_relay_sites": {
                     "edge": {
@@ -508,7 +515,9 @@ def loopback(tmp_path_factory: pytest.TempPathFactory):
             assert check.returncode == 0, check.stdout + check.stderr
             # AgentProcess gives each agent its own loopback HTTP port and work dir (two
             # "pods" share this machine); NATS, TLS, listeners and targets are the ConfigMap's.
+            assert config["http"]["ready_requires_targets"] is (name == "cloud"), config["http"]
             keep = {k: v for k, v in config.items() if k not in ("http", "work_dir")}
+            keep["http"] = {"ready_requires_targets": config["http"]["ready_requires_targets"]}
             agents.append(AgentProcess(f"k8s-{name}", work / f"agent-{name}", keep).start())
         yield {
             "nodes": nodes,

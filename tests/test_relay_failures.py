@@ -4,6 +4,7 @@ within the configured timeout, and the agents keep serving everyone else."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import subprocess
 import threading
@@ -63,7 +64,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Fail
     cloud = AgentProcess(
         "cloud",
         work / "cloud",
-        {"nats": nats_section(nats.url, pki, pki.client("cloud")), "targets": targets},
+        {
+            "nats": nats_section(nats.url, pki, pki.client("cloud")),
+            # DEADSCP is down on purpose: readiness reports it without depending on it.
+            "http": {"ready_requires_targets": False},
+            "targets": targets,
+        },
     ).start()
     port = free_port()
     listeners = [
@@ -146,6 +152,11 @@ def test_target_scp_down_gives_out_of_resources(rig: FailureRig) -> None:
     statuses, elapsed = timed_store(rig.port, "DEADSCP")
     assert statuses == [OUT_OF_RESOURCES]
     assert elapsed < OPEN_S + REQUEST_S + 2
+    # the cloud agent reports it (report-only in this rig, tests/test_readyz_targets.py)
+    code, body = rig.cloud.http_get("/readyz")
+    probes = json.loads(body)["target_reachability"]
+    assert code == 200 and probes["DEADSCP"]["reachable"] is False, probes
+    assert probes["GOODSCP"]["reachable"] is True, probes
 
 
 def test_slow_target_times_out_while_others_are_served(rig: FailureRig) -> None:

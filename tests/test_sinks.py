@@ -621,7 +621,12 @@ def web_relay(
         cloud = AgentProcess(
             "cloud-web",
             work / "cloud",
-            {"nats": nats_section(nats_server.url, pki, pki.client("cloud")), "targets": targets},
+            {
+                "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
+                # DOWNWEB and UNTRUSTEDWEB are unreachable on purpose: reported, not waited for.
+                "http": {"ready_requires_targets": False},
+                "targets": targets,
+            },
         ).start()
         agents.append(cloud)
         port = free_port()
@@ -985,6 +990,7 @@ def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path) -> 
     assert check.returncode == 0, check.stderr
     rendered = yaml.safe_load((tmp_path / "agent.yaml").read_text())
     assert [t["kind"] for t in rendered["targets"]] == ["dicomweb", "filesystem"]
+    assert rendered["http"]["ready_requires_targets"] is True  # relay_agent_ready_requires_targets
     assert "ReadWritePaths=/srv/ingest\n" in (tmp_path / "unit").read_text()
 
 

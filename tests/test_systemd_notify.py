@@ -28,6 +28,7 @@ def test_ready_watchdog_and_stopping_notifications(
         tmp_path,
         {
             "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
+            "http": {"ready_requires_targets": False},  # no SCP behind the target
             "targets": [{"ae_title": "NOTIFYSCP", "host": LOOPBACK, "port": 9}],
         },
     ).start()
@@ -67,6 +68,7 @@ def test_incomplete_transfers_left_by_a_crash_are_removed_at_start(
         tmp_path,
         {
             "nats": nats_section(nats_server.url, pki, pki.client("cloud")),
+            "http": {"ready_requires_targets": False},  # no SCP behind the target
             "targets": [{"ae_title": "RESTARTSCP", "host": LOOPBACK, "port": 9}],
         },
     ).start()

@@ -18,6 +18,7 @@ from dimse_relay.dicom import configure_pynetdicom
 from dimse_relay.health import HealthServer
 from dimse_relay.listener import ListenerServer
 from dimse_relay.logs import setup_logging
+from dimse_relay.probe import TargetProber
 from dimse_relay.queue import EdgeQueue
 from dimse_relay.target import TargetServer
 from dimse_relay.transport import NatsTransport
@@ -72,6 +73,10 @@ class Agent:
         self.deliverer = Deliverer(cfg, self.transport, self.queue) if self.queue else None
         self.listeners = ListenerServer(cfg, self.transport, self.queue)
         self.targets = TargetServer(cfg, self.transport) if cfg.targets else None
+        # Reachability of the targets' SCPs and sinks, probed in its own threads (/readyz).
+        self.prober = TargetProber(
+            cfg.targets, cfg.http, self.targets.sinks if self.targets is not None else {}
+        )
         self.health: HealthServer | None = None
         self._targets_subscribed = threading.Event()
         if not cfg.targets:
@@ -79,15 +84,24 @@ class Agent:
         self._stop = threading.Event()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        detail = {
+        reachable, probes = self.prober.snapshot()
+        own = {
             "nats_connected": self.transport.connected,
             "listeners_bound": self.listeners.bound,
             "targets_subscribed": self._targets_subscribed.is_set(),
             "subscriptions_permitted": not self.transport.refused_subjects,
         }
         if self.queue is not None:
-            detail["edge_queue_ready"] = self.queue.ready
-        return all(detail.values()), detail
+            own["edge_queue_ready"] = self.queue.ready
+        requires = self.cfg.http.ready_requires_targets
+        ok = all(own.values()) and (reachable or not requires)
+        detail: dict[str, Any] = {
+            **own,
+            "targets_reachable": reachable,
+            "ready_requires_targets": requires,
+            "target_reachability": probes,
+        }
+        return ok, detail
 
     def status(self) -> dict[str, Any]:
         ok, detail = self.ready()
@@ -124,6 +138,7 @@ class Agent:
                 self.cfg.http.host, self.cfg.http.port, self.ready, self.status
             )
             self.health.start()
+        self.prober.start()
         if self.targets is not None:
             targets = self.targets
 
@@ -147,6 +162,7 @@ class Agent:
 
     def stop(self) -> None:
         LOG.info("agent stopping")
+        self.prober.stop()
         self.listeners.stop()
         if self.deliverer is not None:
             self.deliverer.stop()

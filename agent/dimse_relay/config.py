@@ -103,11 +103,19 @@ class NATSConfig(_Strict):
 
 
 class HTTPConfig(_Strict):
-    """Metrics (/metrics), liveness (/healthz) and readiness (/readyz) endpoint."""
+    """Metrics (/metrics), liveness (/healthz) and readiness (/readyz) endpoint, and the
+    target reachability probes /readyz reports (probe.py)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9102, ge=0, le=65535)
+    # Every target is probed this often (the first probe right at start), each probe given
+    # at most target_probe_timeout_s: a C-ECHO association (kind scp), a test file in the
+    # root (filesystem), one HTTP request (dicomweb).
+    target_probe_interval_s: float = Field(default=30.0, ge=0.1, le=86400)
+    target_probe_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # true: /readyz is 503 while a target is unreachable; false: reported only.
+    ready_requires_targets: bool = True
 
 
 class ListenerTimeouts(_Strict):

@@ -108,3 +108,12 @@ def status_class(status: int) -> str:
     if status == 0x0001 or (status & 0xF000) == 0xB000 or status == 0x0107 or status == 0x0116:
         return "warning"
     return "failure"
+
+
+# Target reachability (probe.py): a count, not a series per target, so that no AE title is
+# ever a label value.
+TARGETS_UNREACHABLE = Gauge(
+    "dimse_relay_targets_unreachable",
+    "Configured targets whose last reachability probe failed (or that were not probed yet)",
+    registry=REGISTRY,
+)

@@ -37,12 +37,16 @@ class AgentProcess:
         self.name = name
         self.workdir = workdir
         self.http_port = free_port()
+        # An "http" section in ``config`` is merged into the harness's (host and port), e.g.
+        # {"http": {"ready_requires_targets": False}} for targets that are down on purpose.
+        http = {"host": LOOPBACK, "port": self.http_port, **config.get("http", {})}
+        self.http_port = int(http["port"])
         self.config = {
             "name": name,
             "work_dir": str(workdir / "work"),
-            "http": {"host": LOOPBACK, "port": self.http_port},
+            "http": http,
             "logging": {"level": "info", "format": "json"},
-            **config,
+            **{k: v for k, v in config.items() if k != "http"},
         }
         self.config_path = workdir / f"{name}.yml"
         self.log_path = workdir / f"{name}.log"
