@@ -32,6 +32,24 @@ send() {
   log "$host: $calling -> $called through the relay ($(printf '%s ' "${FILES[@]}" | wc -w) files)"
   lab_exec "$host" sh -c "rm -rf $STUDY && mkdir -p $STUDY"
   for f in "${FILES[@]}"; do cp "$DATA/$f" "$root$STUDY/$f"; done
+  if [[ -n $queued ]]; then
+    # New SOP Instance UIDs on every run: the edge queue stores an instance it already
+    # delivered (same UID and bytes) only once, so a re-run would deliver nothing.
+    "$PY" - "$root$STUDY" <<'PY'
+import pathlib
+import sys
+
+import pydicom
+from pydicom.uid import generate_uid
+
+for path in pathlib.Path(sys.argv[1]).iterdir():
+    ds = pydicom.dcmread(path, force=True)
+    ds.SOPInstanceUID = generate_uid()
+    if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path)
+PY
+  fi
   lab_exec "${relayed%%:*}" sh -c "rm -f /var/lib/lab-dicom/${relayed#*:}/*"
   lab_exec "$host" sh -c "rm -f /var/lib/lab-dicom/$reference/*"
   if [[ -n $queued ]]; then

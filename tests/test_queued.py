@@ -448,7 +448,7 @@ def test_queued_listener_negotiates_like_the_target_also_during_an_outage(
     src = pydicom.dcmread(pydicom.data.get_testdata_file("rtplan.dcm"))
     assert src.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
     copies = []
-    for name in ("up.dcm", "outage.dcm"):
+    for name in ("up.dcm", "outage.dcm", "local.dcm"):
         src.SOPInstanceUID = pydicom.uid.generate_uid()
         src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
         src.save_as(tmp_path / name)
@@ -463,7 +463,7 @@ def test_queued_listener_negotiates_like_the_target_also_during_an_outage(
         rig.scp.clear()
         return data
 
-    up, outage = (direct(p) for p in copies)
+    up, outage, local = (direct(p) for p in copies)
     assert storescu(rig.port, [copies[0]], "ARCHIVE", extra=["-R"]).statuses() == ["Success"]
     assert rig.wait_stored([up], 30) == [up]
     rig.wait_drained(10)
@@ -472,7 +472,28 @@ def test_queued_listener_negotiates_like_the_target_also_during_an_outage(
     try:
         result = storescu(rig.port, [copies[1]], "ARCHIVE", extra=["-R"])
         assert result.statuses() == ["Success"], result.output[-2000:]
+        # A calling AE title never seen: local contexts, which prefer Explicit VR as storescp
+        result = storescu(rig.port, [copies[2]], "ARCHIVE", calling="NEWMOD", extra=["-R"])
+        assert result.statuses() == ["Success"], result.output[-2000:]
     finally:
         rig.hub.start()
-    assert rig.wait_stored([outage], 60) == [outage]
+    assert rig.wait_stored([outage, local], 60) == sorted([outage, local])
     rig.wait_drained(30)
+    negotiated = [x.get("negotiated") for x in rig.edge.log_lines() if x.get("negotiated")]
+    assert {"target", "remembered", "local"} <= set(negotiated), negotiated
+
+
+def test_status_command_shows_listener_modes_and_target_reachability(rig: QueueRig) -> None:
+    def status(agent: AgentProcess) -> str:
+        proc = subprocess.run(
+            [str(DIMSE_RELAY), "status", "--url", f"http://127.0.0.1:{agent.http_port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    assert "listener ARCHIVE" in status(rig.edge) and "(queued)" in status(rig.edge)
+    cloud = status(rig.cloud)
+    assert f"target ARCHIVE -> ARCHIVE@{LOOPBACK}:{rig.scp.port}  reachable" in cloud, cloud

@@ -69,8 +69,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(
                 f"  listener {lst['ae_title']} :{lst['port']} -> {lst['relays_to']} ({lst['mode']})"
             )
+        reach = data.get("target_reachability") or {}
         for tgt in data["targets"]:
-            print(f"  target {tgt['ae_title']} -> {tgt['called']}@{tgt['scp']}")
+            probe = reach.get(tgt["ae_title"]) or {}
+            reachable = probe.get("reachable")
+            state = "?" if reachable is None else "reachable" if reachable else "UNREACHABLE"
+            why = f" ({probe['reason']})" if probe.get("reason") else ""
+            print(f"  target {tgt['ae_title']} -> {tgt['called']}@{tgt['scp']}  {state}{why}")
         print(f"  open target sessions: {data['target_sessions']}")
     return 0 if data["ready"] else 3
 

@@ -156,17 +156,27 @@ def dimse_tls_context(cfg: DimseTLSConfig) -> ssl.SSLContext:
     return ctx
 
 
+# pynetdicom accepts, per proposed context, the first of these the SCU also proposed. Explicit
+# VR Little Endian, then Big Endian, then Implicit, as DCMTK's storescp prefers by default: an
+# SCU that offers an Implicit VR file in several contexts then converts it as it would for
+# such a target (queued listeners during an outage, docs/queued-mode.md).
+_UNCOMPRESSED_FIRST = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2"]
+FALLBACK_TRANSFER_SYNTAXES = _UNCOMPRESSED_FIRST + [
+    str(ts) for ts in ALL_TRANSFER_SYNTAXES if str(ts) not in _UNCOMPRESSED_FIRST
+]
+
+
 def fallback_contexts() -> list[PresentationContext]:
     """What a listener accepts when the far side cannot be asked: Verification, storage and
     query/retrieve, so that every request gets a relay failure status rather than a rejected
     presentation context."""
-    contexts = [build_context(Verification, ALL_TRANSFER_SYNTAXES)]
+    contexts = [build_context(Verification, FALLBACK_TRANSFER_SYNTAXES)]
     for cx in QueryRetrievePresentationContexts:
         assert cx.abstract_syntax is not None
-        contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
+        contexts.append(build_context(cx.abstract_syntax, FALLBACK_TRANSFER_SYNTAXES))
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
-        contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
+        contexts.append(build_context(cx.abstract_syntax, FALLBACK_TRANSFER_SYNTAXES))
     return contexts
 
 
