@@ -109,6 +109,8 @@ def edge_config(leaf: LeafServer, pki: TestPKI, port: int, queue: dict[str, Any]
         "listeners": [
             {"ae_title": "ARCHIVE", **listener},
             {"ae_title": "PICKY", **listener},
+            # No agent serves GHOST until a test starts one.
+            {"ae_title": "GHOST", **listener},
         ],
         "queue": queue,
     }
@@ -195,12 +197,21 @@ def test_same_instance_twice_is_delivered_once_and_a_changed_one_is_not_dropped(
 def test_undeliverable_instance_is_dead_lettered_and_managed_from_the_cli(
     rig: QueueRig, tmp_path: Path
 ) -> None:
-    """An MR instance for a target that accepts CT only: Success for the modality (it is in
-    the queue), then a dead letter with its reason; `dimse-relay queue` lists, retries and
+    """An MR instance for a target that accepts CT only. With the far side up the queued
+    listener refuses it as the target does (no context accepted); sent during an outage from
+    a modality never seen, it is accepted on local contexts (Success: it is in the queue),
+    then becomes a dead letter with its reason; `dimse-relay queue` lists, retries and
     purges it."""
     mr = Path(pydicom.data.get_testdata_file("MR_small.dcm"))
-    assert pynetdicom_store(rig.port, "PICKY", [mr]) == [0]
-    deadline = time.monotonic() + 30
+    refused = storescu(rig.port, [mr], "PICKY", calling="PICKYMOD", extra=["-R"])
+    assert refused.returncode != 0 and refused.statuses() == [], refused.output[-2000:]
+    assert "no acceptable presentation contexts" in refused.output.lower(), refused.output[-2000:]
+    rig.hub.stop()
+    try:
+        assert pynetdicom_store(rig.port, "PICKY", [mr], calling="NEVERSEEN") == [0]
+    finally:
+        rig.hub.start()
+    deadline = time.monotonic() + 60
     while rig.edge.metric("dimse_relay_queue_dead_letters") < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     listed = rig.cli("--json", "dead-letters")
@@ -497,3 +508,61 @@ def test_status_command_shows_listener_modes_and_target_reachability(rig: QueueR
     assert "listener ARCHIVE" in status(rig.edge) and "(queued)" in status(rig.edge)
     cloud = status(rig.cloud)
     assert f"target ARCHIVE -> ARCHIVE@{LOOPBACK}:{rig.scp.port}  reachable" in cloud, cloud
+
+
+def test_same_large_instance_twice_during_an_outage_is_delivered_once_whole(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """A large instance (through the object bucket) sent again, as a modality does after an
+    unconfirmed store: the second copy is a duplicate that reuses the object the queued
+    first copy names, so that one is delivered whole and nothing is dead-lettered."""
+    big = make_large_instance(tmp_path / "big.dcm", 3 << 20)
+    rig.scp.clear()
+    dead = rig.edge.metric("dimse_relay_queue_dead_letters")
+    dupes = rig.edge.metric("dimse_relay_queue_duplicates_total")
+    rig.hub.stop()
+    try:
+        for _ in range(2):
+            assert storescu(rig.port, [big], "ARCHIVE").statuses() == ["Success"]
+    finally:
+        rig.hub.start()
+    got = rig.wait_stored([dataset_bytes(big)], 90)
+    assert got == [dataset_bytes(big)], rig.edge.log_tail()
+    rig.wait_drained(30)
+    assert rig.edge.metric("dimse_relay_queue_duplicates_total") == dupes + 1
+    assert rig.edge.metric("dimse_relay_queue_dead_letters") == dead
+    status = json.loads(rig.cli("--json", "status").stdout)
+    assert status["bytes"] < 64 * 1024, status  # the object went with its delivered item
+
+
+def test_far_ae_title_without_an_agent_holds_only_its_own_items(
+    rig: QueueRig, pki: TestPKI, tmp_path: Path
+) -> None:
+    """More items than the delivery concurrency for a far AE title that no agent serves yet
+    are held (an outage for that AE title only); items for another far AE title are
+    delivered meanwhile. Once an agent serves the first AE title, its items arrive."""
+    rig.scp.clear()
+    held = small_instances(tmp_path / "ghost", 6)
+    assert storescu(rig.port, held, "GHOST").statuses() == ["Success"] * 6
+    others = small_instances(tmp_path / "others", 3)
+    assert storescu(rig.port, others, "ARCHIVE").statuses() == ["Success"] * 3
+    expected = [dataset_bytes(f) for f in others]
+    assert rig.wait_stored(expected, 30) == sorted(expected)
+    ghost_scp = PynetdicomSCP("GHOST").start()
+    ghost = AgentProcess(
+        "q-ghost",
+        rig.work / "ghost",
+        {
+            "nats": nats_section(rig.hub.url, pki, pki.client("cloud")),
+            "targets": [{"ae_title": "GHOST", "host": LOOPBACK, "port": ghost_scp.port}],
+        },
+    ).start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(ghost_scp.received) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(ghost_scp.received.values()) == sorted(dataset_bytes(f) for f in held)
+        rig.wait_drained(30)
+    finally:
+        ghost.stop()
+        ghost_scp.stop()

@@ -241,6 +241,24 @@ def test_negotiation_mirrors_what_the_real_scp_accepts(relay: Relay) -> None:
     assert negotiate(relay.port) == direct
 
 
+def test_sop_class_the_scp_refuses_is_refused_through_the_relay_too(relay: Relay) -> None:
+    """An association whose only context the real SCP refuses (MR to a CT-only SCP): through
+    the relay the SCU gets the same answer, no context accepted, and sends nothing; it is
+    not accepted locally to fail every C-STORE afterwards."""
+    mr = TEST_FILES / "MR_small.dcm"
+    # -R: propose the file's SOP class only (storescu proposes every storage class otherwise)
+    direct = storescu(relay.ct_only_scp.port, [mr], "CTONLY", extra=["-R"])
+    through = storescu(relay.port, [mr], "CTONLY", extra=["-R"])
+    assert direct.returncode != 0 and direct.statuses() == [], direct.output[-2000:]
+    assert through.returncode == direct.returncode, through.output[-2000:]
+    assert through.statuses() == [], through.output[-2000:]
+    assert "no acceptable presentation contexts" in through.output.lower(), through.output[-2000:]
+    assert (
+        relay.edge.metric("dimse_relay_associations_total", role="listener", result="no_contexts")
+        >= 1
+    )
+
+
 def test_no_ae_titles_or_association_ids_in_info_logs(relay: Relay) -> None:
     """At the default info level, log lines carry no AE titles, association ids or subjects
     (they are written only at debug level)."""

@@ -66,9 +66,11 @@ class Agent:
         # (0700, on the agent's own volume) rather than in the system temp directory.
         tempfile.tempdir = str(private_dir(cfg.work_dir / "incoming"))
         self.transport = NatsTransport(cfg.nats, cfg.name)
-        queued = any(lst.mode == "queued" for lst in cfg.listeners)
+        queued = [lst.far_ae_title for lst in cfg.listeners if lst.mode == "queued"]
         self.queue = (
-            EdgeQueue(cfg.queue, self.transport, cfg.nats.subject_prefix) if queued else None
+            EdgeQueue(cfg.queue, self.transport, cfg.nats.subject_prefix, queued)
+            if queued
+            else None
         )
         self.deliverer = Deliverer(cfg, self.transport, self.queue) if self.queue else None
         self.listeners = ListenerServer(cfg, self.transport, self.queue)

@@ -12,7 +12,9 @@ Per item (docs/queued-mode.md):
 - any other failure: retried after an exponential backoff; after ``max_attempts``
   deliveries, dead-lettered with the last reason.
 
-Runs on the NATS loop; one fetch loop hands messages to at most ``concurrency`` tasks.
+Runs on the NATS loop. One fetch loop per far AE title (its own consumer, queue.py) hands
+messages to at most ``concurrency`` tasks, so an outage of one far AE title does not hold up
+delivery to the others.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from dimse_relay import envelope, metrics, statuses
 from dimse_relay.config import AgentConfig, ListenerTimeouts
 from dimse_relay.envelope import ContextProposal, EnvelopeError, QueuedHeader, RequestHeader
-from dimse_relay.queue import CONSUMER, EdgeQueue, file_digest
+from dimse_relay.queue import EdgeQueue, consumer_name, file_digest
 from dimse_relay.session import RelayError, close_session, open_session, store_instance
-from dimse_relay.transport import NatsTransport
+from dimse_relay.transport import NatsTransport, NotConnected
 
 LOG = logging.getLogger("dimse_relay.delivery")
 OUTAGE_PROBE_S = 5.0
@@ -78,66 +81,88 @@ class Deliverer:
         self.queue = queue
         self.spool = cfg.work_dir / "queue-spool"
         self.spool.mkdir(exist_ok=True, mode=0o700)
-        self._timeouts = {lst.ae_title: lst.timeouts for lst in cfg.listeners}
-        self._task: asyncio.Task[None] | None = None
-        self._stats_task: asyncio.Task[None] | None = None
+        # Timeouts of the queued listener that accepted an item: by its AE title and far AE.
+        self._timeouts = {
+            (lst.ae_title, lst.far_ae_title): lst.timeouts
+            for lst in cfg.listeners
+            if lst.mode == "queued"
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self._active: dict[str, set[asyncio.Task[None]]] = {}
         self._stopping = False
         self.outage_probe_s = min(OUTAGE_PROBE_S, self.qcfg.backoff_max_s)
 
     def start(self) -> None:
         async def begin() -> None:
-            if self._task is None or self._task.done():
-                self._task = asyncio.ensure_future(self._run())
-            if self._stats_task is None or self._stats_task.done():
-                self._stats_task = asyncio.ensure_future(self._stats_loop())
+            if any(not task.done() for task in self._tasks):
+                return
+            self._tasks = [asyncio.ensure_future(self._stats_loop())] + [
+                asyncio.ensure_future(self._run(far)) for far in self.queue.far_ae_titles
+            ]
 
         self.transport.on_connect(begin)
 
     def stop(self) -> None:
+        """Stop fetching and put every item in hand back in the queue at once (nak)."""
         self._stopping = True
 
         async def cancel() -> None:
-            for task in (self._task, self._stats_task):
-                if task is not None:
-                    task.cancel()
+            tasks = [*self._tasks, *(t for mine in self._active.values() for t in mine)]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
-            self.transport.submit(cancel()).result(2.0)
+            self.transport.submit(cancel()).result(5.0)
 
     async def _stats_loop(self) -> None:
         while not self._stopping:
             with contextlib.suppress(Exception):
+                if not self.queue.ready and self.transport.connected:
+                    # Set up again after an error invalidated it (C-ECHO and /readyz answer
+                    # from this), even when no C-STORE comes to do it.
+                    await self.queue.setup()
                 if self.queue.ready:
                     await self.queue.refresh_stats()
             await asyncio.sleep(self.qcfg.stats_interval_s)
 
-    async def _run(self) -> None:
+    async def _run(self, far_ae_title: str) -> None:
         delay = 1.0
         while not self._stopping:
+            psub: Any = None
             try:
                 if not self.queue.ready:
                     await self.queue.setup()
                 js = self.queue.js()
-                psub = await js.pull_subscribe_bind(CONSUMER, stream=self.qcfg.stream)
+                psub = await js.pull_subscribe_bind(
+                    consumer_name(far_ae_title), stream=self.qcfg.stream
+                )
                 delay = 1.0
-                await self._fetch_loop(psub)
+                await self._fetch_loop(psub, far_ae_title)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.queue.invalidate()
                 LOG.warning(
                     "edge queue delivery paused, retrying",
-                    extra={"error": type(exc).__name__, "detail": str(exc)[:200], "retry_s": delay},
+                    extra={"error": type(exc).__name__, "retry_s": delay},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+            finally:
+                if psub is not None:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
 
-    async def _fetch_loop(self, psub: Any) -> None:
-        active: set[asyncio.Task[None]] = set()
+    async def _fetch_loop(self, psub: Any, far_ae_title: str) -> None:
+        # Items of this far AE title in hand. They outlive a failed fetch loop (acks do not
+        # go through the subscription), and the next loop counts them: never more than
+        # ``concurrency`` per far AE title.
+        mine = self._active.setdefault(far_ae_title, set())
         while not self._stopping:
-            free = self.qcfg.concurrency - len(active)
+            free = self.qcfg.concurrency - len(mine)
             if free <= 0:
-                await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(set(mine), return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
                 msgs = await psub.fetch(free, timeout=2.0)
@@ -149,8 +174,8 @@ class Deliverer:
                 raise
             for msg in msgs:
                 task = asyncio.ensure_future(self._deliver(msg))
-                active.add(task)
-                task.add_done_callback(active.discard)
+                mine.add(task)
+                task.add_done_callback(mine.discard)
 
     # -- one item --------------------------------------------------------------------------
     async def _deliver(self, msg: Msg) -> None:
@@ -187,7 +212,7 @@ class Deliverer:
                     await asyncio.sleep(self.outage_probe_s)
                     if self._stopping:
                         raise
-            await msg.ack_sync(timeout=self.qcfg.write_timeout_s)
+            await self._ack(msg, header)
             if header.object_name:
                 await self.queue.delete_object(header.object_name)
             metrics.QUEUE_ATTEMPTS.labels(result="delivered").inc()
@@ -206,11 +231,14 @@ class Deliverer:
                 )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)
-        except (asyncio.CancelledError, Outage):
+        except asyncio.CancelledError:
             # Shutting down: the item goes back to the queue at once (nak without delay).
             with contextlib.suppress(Exception):
                 await msg.nak()
             raise
+        except Outage:  # held through an outage until the agent stops
+            with contextlib.suppress(Exception):
+                await msg.nak()
         except Exception as exc:  # a bug or a JetStream hiccup: retry, never lose the item
             LOG.error("queued delivery error", extra={**log, "error": type(exc).__name__})
             with contextlib.suppress(Exception):
@@ -219,6 +247,17 @@ class Deliverer:
             keepalive.cancel()
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
+
+    async def _ack(self, msg: Msg, header: QueuedHeader) -> None:
+        """Acknowledge a delivered item. If the acknowledgement is not confirmed, the item may
+        still come again (its object must stay) or be gone (its object is nobody's)."""
+        try:
+            await msg.ack_sync(timeout=self.qcfg.write_timeout_s)
+        except Exception:
+            seq = int(msg.metadata.sequence.stream)
+            if header.object_name and not await self.queue.still_queued(seq):
+                await self.queue.delete_object(header.object_name)
+            raise
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         while True:
@@ -246,7 +285,16 @@ class Deliverer:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.qcfg.backoff_max_s)
             return
-        await msg.ack_sync(timeout=self.qcfg.write_timeout_s)
+        try:
+            await msg.ack_sync(timeout=self.qcfg.write_timeout_s)
+        except Exception as exc:
+            # The dead letter is stored (once, by its Nats-Msg-Id); the item comes again and
+            # is dead-lettered again without a second copy.
+            LOG.warning(
+                "dead-lettered item not acknowledged; it will come again",
+                extra={"item": header.item_id, "error": type(exc).__name__},
+            )
+            return
         metrics.QUEUE_ATTEMPTS.labels(result="dead_letter").inc()
         LOG.error(
             "queued instance moved to the dead-letter stream",
@@ -256,9 +304,13 @@ class Deliverer:
     async def _fetch_object(self, header: QueuedHeader) -> Path:
         assert header.object_name is not None
         path = self.spool / f"{header.item_id}.part"
+        # Bounded: a read whose chunks vanish (a purged bucket) would otherwise wait forever.
+        budget = self.qcfg.write_timeout_s * (2 + header.dataset_length // (1 << 20))
         try:
             with path.open("wb") as fh:
-                await self.queue.objects().get(header.object_name, writeinto=fh)
+                await asyncio.wait_for(
+                    self.queue.objects().get(header.object_name, writeinto=fh), budget
+                )
         except Exception as exc:
             path.unlink(missing_ok=True)
             if "NotFound" in type(exc).__name__:
@@ -276,7 +328,9 @@ class Deliverer:
 
     async def _store(self, header: QueuedHeader, command: bytes, source: Path | bytes) -> int:
         """One delivery attempt; returns the target's Success/Warning status."""
-        timeouts = self._timeouts.get(header.listener_ae_title, ListenerTimeouts())
+        timeouts = self._timeouts.get(
+            (header.listener_ae_title, header.called_ae_title), ListenerTimeouts()
+        )
         prefix = self.cfg.nats.subject_prefix
         proposal = ContextProposal(
             id=1,
@@ -301,8 +355,14 @@ class Deliverer:
             if exc.failure.reason in _OUTAGE_REASONS:
                 raise Outage() from None
             raise TransientFailure(str(exc)) from None
-        except Exception:
-            raise Outage() from None
+        except (
+            NotConnected,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+        ):
+            raise Outage() from None  # NATS went away while asking
+        except Exception as exc:  # anything else counts as an attempt, so it ends somewhere
+            raise TransientFailure(f"could not open a session: {type(exc).__name__}") from None
         if result.result == "rejected":
             why = f"association rejected by the target ({result.reject_reason})"
             if result.reject_result == 1:

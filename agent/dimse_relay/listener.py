@@ -257,6 +257,14 @@ class ListenerServer:
             with self._lock:
                 self._relayed.pop(id(assoc), None)
             return
+        if _took_no_context(result):
+            # The target took none of the proposed contexts: neither does the listener.
+            LOG.info("target accepted no presentation context", extra=log_extra)
+            metrics.ASSOCIATIONS.labels(role="listener", result="no_contexts").inc()
+            assoc.acceptor.supported_contexts = []
+            with self._lock:
+                self._relayed.pop(id(assoc), None)
+            return
         # The far agent answered but could not reach its SCP: accept locally, fail requests.
         LOG.warning("target SCP unreachable; accepting locally", extra=log_extra)
         metrics.ASSOCIATIONS.labels(role="listener", result="accepted_fallback").inc()
@@ -271,6 +279,8 @@ class ListenerServer:
         assoc = relayed.assoc
         key = (
             relayed.listener.ae_title,
+            relayed.listener.port,
+            relayed.listener.far_ae_title,
             relayed.calling_ae_title,
             tuple((p.id, p.abstract_syntax, tuple(p.transfer_syntaxes)) for p in relayed.proposals),
         )
@@ -286,11 +296,16 @@ class ListenerServer:
                 self._relayed.pop(id(assoc), None)
             return
         accepted = None
-        if result is not None and result.result == "accepted":
+        if result is not None and _took_no_context(result):
+            # The target answered and took none of the contexts: the SCU hears that now
+            # (every context rejected), not a Success followed by a dead letter.
+            accepted = []
+        elif result is not None and result.result == "accepted":
             assert result.session_subject is not None  # checked by open_session
             if not self._attach_session(relayed, result.session_subject):
                 return
             accepted = result.accepted
+        if accepted is not None:
             with self._lock:
                 self._negotiated[key] = accepted
                 while len(self._negotiated) > 1024:
@@ -298,11 +313,13 @@ class ListenerServer:
         else:
             with self._lock:
                 accepted = self._negotiated.get(key)
-        if result is not None and result.result == "accepted":
+        if result is not None and (result.result == "accepted" or _took_no_context(result)):
             source = "target"
         else:
             source = "remembered" if accepted is not None else "local"
-        metrics.ASSOCIATIONS.labels(role="listener", result="accepted_queued").inc()
+        metrics.ASSOCIATIONS.labels(
+            role="listener", result="no_contexts" if accepted == [] else "accepted_queued"
+        ).inc()
         assoc.acceptor.supported_contexts = (
             contexts_from_results(accepted) if accepted is not None else self._fallback
         )
@@ -760,3 +777,8 @@ class ListenerServer:
                 dead = [k for k, r in self._relayed.items() if not r.assoc.is_alive()]
             for key in dead:
                 self._close(key, "abort")
+
+
+def _took_no_context(result: OpenResultHeader) -> bool:
+    """The far agent's target SCP answered and accepted none of the proposed contexts."""
+    return result.result == "failed" and result.failure == "no_contexts"

@@ -14,6 +14,11 @@ Three JetStream assets, shared by every agent of the site (names in ``queue`` co
 Dedupe: the queue message's ``Nats-Msg-Id`` is the SOP Instance UID plus the dataset's sha256,
 so the same instance offered twice within ``duplicate_window_s`` is stored once, while a
 different instance reusing a UID is queued (and delivered) as the separate instance it is.
+A large instance's object is named after the same pair (hashed), so a modality's resend after
+an unconfirmed write reuses the object its first queue message may already name.
+
+Delivery: one durable pull consumer per far AE title (``deliver-<AE token>``, filtered on
+that AE title's queue subject), so an outage of one far AE title holds only its own items.
 
 Coroutines here run on the NATS loop (transport.py).
 """
@@ -41,7 +46,7 @@ from dimse_relay.envelope import QueuedHeader
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.queue")
-CONSUMER = "deliver"
+CONSUMER_PREFIX = "deliver-"
 H_REASON = "Dimse-Relay-Reason"
 H_STATUS = "Dimse-Relay-Status"
 H_ATTEMPTS = "Dimse-Relay-Attempts"
@@ -86,6 +91,16 @@ def dedupe_id(sop_instance_uid: str, digest: str) -> str:
     return f"{sop_instance_uid}:{digest}"
 
 
+def object_name(sop_instance_uid: str, digest: str) -> str:
+    """The bucket object of a large instance: the same for the same instance (a resend reuses
+    it), and no UID in the bucket's subjects."""
+    return hashlib.sha256(dedupe_id(sop_instance_uid, digest).encode()).hexdigest()
+
+
+def consumer_name(far_ae_title: str) -> str:
+    return CONSUMER_PREFIX + subjects.encode_aet(far_ae_title)
+
+
 def _is_full(exc: BaseException) -> bool:
     if isinstance(exc, APIError):
         text = (exc.description or "").lower()
@@ -104,10 +119,18 @@ def file_digest(path: Path, offset: int) -> str:
 
 
 class EdgeQueue:
-    def __init__(self, cfg: QueueConfig, transport: NatsTransport, prefix: str):
+    def __init__(
+        self,
+        cfg: QueueConfig,
+        transport: NatsTransport,
+        prefix: str,
+        far_ae_titles: list[str] | None = None,
+    ):
         self.cfg = cfg
         self.transport = transport
         self.prefix = prefix
+        # The far AE titles of this agent's queued listeners: one delivery consumer each.
+        self.far_ae_titles = sorted(set(far_ae_titles or []))
         self._ready = False
         self._setup_lock = asyncio.Lock()
         self._objects: ObjectStore | None = None
@@ -161,6 +184,8 @@ class EdgeQueue:
         """Create or update the streams, the bucket and the delivery consumer (idempotent;
         every agent of a site runs it at start and after a reconnect)."""
         async with self._setup_lock:
+            if self._ready:  # set up by a concurrent caller meanwhile
+                return
             js = self.js()
             try:
                 for stream in self._stream_configs():
@@ -174,24 +199,40 @@ class EdgeQueue:
                         extra={"reserved_bytes": reserved_bytes(self.cfg)},
                     )
                 raise
-            consumer = api.ConsumerConfig(
-                durable_name=CONSUMER,
-                description="dimse-relay queued-mode delivery",
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=self.cfg.ack_wait_s,
-                # Attempts are counted by the deliverer, which dead-letters; the server never
-                # stops redelivering on its own (that would strand the item in the stream).
-                max_deliver=-1,
-                max_ack_pending=max(64, self.cfg.concurrency * 16),
-            )
-            try:
-                await js.add_consumer(self.cfg.stream, consumer)
-            except APIError:
-                # It exists with another configuration (an older agent's): keep it.
-                await js.consumer_info(self.cfg.stream, CONSUMER)
+            for far in self.far_ae_titles:
+                await self._ensure_consumer(js, far)
             self._ready = True
             LOG.info("edge queue ready", extra={"stream": self.cfg.stream})
+
+    async def _ensure_consumer(self, js: JetStreamContext, far_ae_title: str) -> None:
+        name = consumer_name(far_ae_title)
+        consumer = api.ConsumerConfig(
+            durable_name=name,
+            description=f"dimse-relay queued-mode delivery to {far_ae_title}",
+            filter_subject=queue_subject(self.prefix, far_ae_title),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.cfg.ack_wait_s,
+            # Attempts are counted by the deliverer, which dead-letters; the server never
+            # stops redelivering on its own (that would strand the item in the stream).
+            max_deliver=-1,
+            max_ack_pending=max(64, self.cfg.concurrency * 16),
+        )
+        try:
+            await js.add_consumer(self.cfg.stream, consumer)
+        except APIError as exc:
+            try:
+                # It exists with another configuration (an older agent's): keep it.
+                await js.consumer_info(self.cfg.stream, name)
+            except NotFoundError:
+                # E.g. another consumer of the work queue overlaps its filter: one made by
+                # hand, or the single unfiltered "deliver" of earlier development versions.
+                LOG.error(
+                    "edge queue: cannot create a delivery consumer; remove overlapping "
+                    "consumers of the queue stream",
+                    extra={"consumer": name, "error": exc.description or str(exc.err_code)},
+                )
+                raise exc from None
 
     async def setup_objects(self) -> None:
         """Bind the existing bucket (for the CLI, which never creates anything)."""
@@ -216,7 +257,24 @@ class EdgeQueue:
         path: Path,
         offset: int,
     ) -> Enqueued:
-        """Durably queue one instance; returns once JetStream confirmed the queue message."""
+        """Durably queue one instance; returns once JetStream confirmed the queue message.
+
+        A caller that gives up (its time budget) does not cut the write short: it runs to its
+        own end, so no half-written object is left behind by a cancellation."""
+        task = asyncio.ensure_future(self._enqueue(header, command, path, offset))
+        task.add_done_callback(_consume_result)
+        return await asyncio.shield(task)
+
+    async def _enqueue(
+        self,
+        header: QueuedHeader,
+        command: bytes,
+        path: Path,
+        offset: int,
+    ) -> Enqueued:
+        if not self.transport.connected:
+            # nats-py would buffer the write until it reconnects; the modality hears at once.
+            raise QueueUnavailable("NATS not connected")
         if not self._ready:
             try:
                 await self.setup()
@@ -231,7 +289,8 @@ class EdgeQueue:
                 fh.seek(offset)
                 body = command + fh.read(header.dataset_length)
         else:
-            header = header.model_copy(update={"object_name": header.item_id})
+            name = object_name(header.sop_instance_uid, header.digest)
+            header = header.model_copy(update={"object_name": name})
             await self._put_object(header, path, offset)
         headers = {"Nats-Msg-Id": dedupe_id(header.sop_instance_uid, header.digest)}
         try:
@@ -242,15 +301,21 @@ class EdgeQueue:
                 stream=self.cfg.stream,
                 headers=headers,
             )
-        except Exception as exc:
+        except APIError as exc:
+            # JetStream refused the message: nothing names the object.
             if header.object_name:
                 await self.delete_object(header.object_name)
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
             self.invalidate()  # the streams may have gone
             raise QueueUnavailable(type(exc).__name__) from None
+        except Exception as exc:
+            # No answer (timeout, connection lost): the message may be stored and name the
+            # object, which therefore stays; a resend of the instance reuses it.
+            self.invalidate()
+            raise QueueUnavailable(type(exc).__name__) from None
         if ack.duplicate:
-            if header.object_name:
+            if header.object_name and not await self._queued_names(ack.seq, header.object_name):
                 await self.delete_object(header.object_name)
             metrics.QUEUE_DUPLICATES.inc()
             return Enqueued(header.item_id, duplicate=True)
@@ -261,6 +326,28 @@ class EdgeQueue:
         metrics.QUEUE_ENQUEUED.inc()
         return Enqueued(header.item_id, duplicate=False)
 
+    async def still_queued(self, seq: int) -> bool:
+        """Is queue message ``seq`` still in the queue stream (unknown counts as yes)?"""
+        try:
+            await self.js().get_msg(self.cfg.stream, seq=seq)
+        except NotFoundError:
+            return False
+        except Exception:
+            return True
+        return True
+
+    async def _queued_names(self, seq: int, name: str) -> bool:
+        """Does queue message ``seq`` (the original of a duplicate) still wait, naming object
+        ``name``? If it is delivered (gone), the object just written is nobody's."""
+        try:
+            msg = await self.js().get_msg(self.cfg.stream, seq=seq)
+            header, _ = envelope.decode(msg.data or b"")
+        except NotFoundError:
+            return False
+        except Exception:
+            return True  # unknown: keep the object rather than risk the original's data
+        return isinstance(header, QueuedHeader) and header.object_name == name
+
     def _payload_room(self) -> int:
         """Largest dataset part one message may carry on this server (max_payload)."""
         max_payload = int(self.transport.client().max_payload or 1024 * 1024)
@@ -268,8 +355,17 @@ class EdgeQueue:
 
     async def _put_object(self, header: QueuedHeader, path: Path, offset: int) -> None:
         store = self.objects()
+        name = header.object_name
+        assert name is not None
+        with contextlib.suppress(Exception):
+            # The same instance is in the bucket already (a resend): its name is its SOP
+            # Instance UID and sha256, and an object's meta is written after all its chunks,
+            # so it is complete. Writing it again would purge chunks a delivery may be reading.
+            existing = await store.get_info(name)
+            if not existing.deleted and existing.size == header.dataset_length:
+                return
         meta = api.ObjectMeta(
-            name=header.item_id,
+            name=name,
             options=api.ObjectMetaOptions(
                 max_chunk_size=min(self.cfg.object_chunk_bytes, self._payload_room())
             ),
@@ -279,13 +375,13 @@ class EdgeQueue:
                 fh.seek(offset)
                 # nats-py reads the file chunk by chunk and publishes each with an ack; on a
                 # failure it purges the chunks written so far.
-                info = await store.put(header.item_id, fh, meta=meta)
+                info = await store.put(name, fh, meta=meta)
         except Exception as exc:
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
             raise QueueUnavailable(type(exc).__name__) from None
         if info.size != header.dataset_length:
-            await self.delete_object(header.item_id)
+            await self.delete_object(name)
             raise QueueUnavailable("object size mismatch")
 
     async def delete_object(self, name: str) -> None:
@@ -421,6 +517,12 @@ def reserved_bytes(cfg: QueueConfig) -> int:
     """File storage the three assets reserve on the server: the queue stream and the bucket
     up to max_bytes each, the dead letters a tenth. The leaf's max_file_store must cover it."""
     return 2 * cfg.max_bytes + dead_letter_max_bytes(cfg)
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a shielded write whose caller left (no 'never retrieved')."""
+    if not task.cancelled():
+        task.exception()
 
 
 def new_item_id() -> str:
