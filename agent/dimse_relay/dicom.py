@@ -23,7 +23,6 @@ from pynetdicom import (
     _config,
     evt,
 )
-from pynetdicom import association as pynetdicom_association
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -32,6 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_ae
 
+from dimse_relay import reactor
 from dimse_relay.config import DimseTLSConfig
 from dimse_relay.envelope import ContextProposal, ContextResult
 
@@ -54,10 +54,12 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
     """Process-wide pynetdicom settings the relay depends on."""
     global POLL_INTERVAL_S
     POLL_INTERVAL_S = poll_interval_s
-    pynetdicom_association.time = _ShortSleepTime()  # type: ignore[attr-defined,assignment]
-    # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
-    DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
-    AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+    if DULServiceProvider.send_pdu is _original_send_pdu:  # once per process
+        # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
+        DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
+        AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+    # pynetdicom's reactor threads wait for work instead of polling (reactor.py).
+    reactor.install(poll_interval_s)
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the
     # dataset bytes are passed on exactly as received (no decode/re-encode).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -70,21 +72,10 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if log_identifiers else logging.WARNING)
 
 
-# pynetdicom's DUL and association reactors poll their queues, sleeping 1 ms between polls;
-# in a relay every DIMSE message crosses four such loops, so the sleep is shortened (the cost
-# is more wake-ups of idle associations). Set by configure_pynetdicom.
+# The short sleeps left inside pynetdicom once its reactors wait for work (reactor.py): spins
+# while a reactor pauses, the DUL loop's delay where no wake-up pipe exists. Set by
+# configure_pynetdicom.
 POLL_INTERVAL_S = 0.0002
-
-
-class _ShortSleepTime:
-    """Stands in for the ``time`` module inside pynetdicom.association: sleeps are capped."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, POLL_INTERVAL_S))
 
 
 def _socket_of(assoc: Any) -> socket.socket | None:
