@@ -566,3 +566,45 @@ def test_far_ae_title_without_an_agent_holds_only_its_own_items(
     finally:
         ghost.stop()
         ghost_scp.stop()
+
+
+def test_queue_sized_close_to_the_leaf_store_survives_agent_and_leaf_restarts(
+    rig: QueueRig, pki: TestPKI, tmp_path: Path
+) -> None:
+    """The queue's reservation (2.1 x max_bytes) nearly fills the leaf's max_file_store, as in
+    the lab. Restarting the edge agent or the leaf must find the existing streams and bucket
+    (nats-server refuses to create them a second time for lack of storage): ready again, and
+    an instance queued before the restarts is delivered after them."""
+    queue = {**QUEUE, "max_bytes": 64 * 1024 * 1024}  # reserves 134.4 MiB
+    leaf = LeafServer(
+        tmp_path / "leaf",
+        pki,
+        rig.hub,
+        pki.client("tester"),
+        domain="edge-tight",
+        max_file_store="150M",
+    ).start()
+    port = free_port()
+    edge = AgentProcess("q-tight", tmp_path / "edge", edge_config(leaf, pki, port, queue))
+    try:
+        edge.start()
+        rig.scp.clear()
+        (first, second) = small_instances(tmp_path / "ct", 2)
+        rig.cloud.stop()
+        try:
+            assert storescu(port, [first], "ARCHIVE").statuses() == ["Success"]
+            edge.stop()
+            edge.start()
+            leaf.restart()
+            edge.wait_ready(30)
+            _, body = edge.http_get("/readyz")
+            assert json.loads(body)["edge_queue_ready"] is True, body
+            assert storescu(port, [second], "ARCHIVE").statuses() == ["Success"]
+        finally:
+            rig.cloud.start()
+        expected = [dataset_bytes(first), dataset_bytes(second)]
+        assert rig.wait_stored(expected, 60) == sorted(expected), edge.log_tail()
+        assert not [x for x in edge.log_lines() if x.get("level") == "error"], edge.log_tail()
+    finally:
+        edge.stop()
+        leaf.stop()

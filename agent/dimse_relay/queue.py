@@ -529,28 +529,61 @@ def new_item_id() -> str:
     return uuid.uuid4().hex
 
 
+# The stream settings the agent owns; others (set by the server or an operator) are left.
+_STREAM_FIELDS = (
+    "subjects",
+    "retention",
+    "storage",
+    "discard",
+    "max_bytes",
+    "max_msgs",
+    "duplicate_window",
+    "num_replicas",
+)
+
+
+def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
+    for name in _STREAM_FIELDS:
+        want = getattr(wanted, name)
+        have = getattr(current, name)
+        if want is None:
+            continue
+        if name == "subjects":
+            want, have = sorted(want), sorted(have or [])
+        if name == "duplicate_window":
+            want, have = float(want), float(have or 0)
+        if want != have:
+            return True
+    return False
+
+
 async def _ensure_stream(js: JetStreamContext, stream: api.StreamConfig) -> None:
+    """Create the stream, or update it when its settings differ. An existing stream is looked
+    up first: nats-server answers a repeated create with "insufficient storage" (10047) when
+    its store could not hold the stream a second time, although nothing new is reserved."""
+    assert stream.name is not None
     try:
+        info = await js.stream_info(stream.name)
+    except NotFoundError:
         await js.add_stream(stream)
-    except APIError as exc:
-        if exc.err_code != 10058:  # stream name already in use with a different configuration
-            raise
+        return
+    if _differs(info.config, stream):
         await js.update_stream(stream)
 
 
 async def _ensure_bucket(js: JetStreamContext, cfg: QueueConfig) -> ObjectStore:
-    bucket = api.ObjectStoreConfig(
-        bucket=cfg.object_bucket,
-        description="dimse-relay: large instances of queued C-STOREs",
-        storage=api.StorageType.FILE,
-        max_bytes=cfg.max_bytes,
-        replicas=cfg.replicas,
-    )
+    name = f"OBJ_{cfg.object_bucket}"
     try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        bucket = api.ObjectStoreConfig(
+            bucket=cfg.object_bucket,
+            description="dimse-relay: large instances of queued C-STOREs",
+            storage=api.StorageType.FILE,
+            max_bytes=cfg.max_bytes,
+            replicas=cfg.replicas,
+        )
         return await js.create_object_store(cfg.object_bucket, config=bucket)
-    except APIError as exc:
-        if exc.err_code != 10058:
-            raise
-        info = await js.stream_info(f"OBJ_{cfg.object_bucket}")
+    if info.config.max_bytes != cfg.max_bytes:
         await js.update_stream(info.config.evolve(max_bytes=cfg.max_bytes))
-        return await js.object_store(cfg.object_bucket)
+    return await js.object_store(cfg.object_bucket)
