@@ -62,7 +62,18 @@ def test_example_inventory_passes_preflight(tmp_path: Path) -> None:
         ),
         (
             lambda s: s.pop("riverside"),
-            "host relay.riverside.example.org: dimse_relay_site names a site missing",
+            "host relay.riverside.example.org: dimse_relay_site 'riverside' names a site missing",
+        ),
+        (
+            lambda s: s["stmarys"]["listeners"][0].update(port=9102),
+            "relay_agent_http_port 9102 is also the port of listener(s) ['AI_ROUTER'] of"
+            " dimse_relay_sites.stmarys.listeners",
+        ),
+        (
+            # St Mary's agent shares its host with the site's leaf node (client port 4222)
+            lambda s: s["stmarys"]["listeners"][0].update(port=4222),
+            "listener port(s) [4222] of dimse_relay_sites.stmarys.listeners are used by"
+            " nats-server on this host",
         ),
     ],
 )

@@ -233,6 +233,8 @@ def test_undeliverable_instance_is_dead_lettered_and_managed_from_the_cli(
     purged = rig.cli("purge", "--all")
     assert purged.returncode == 0 and "1 dead letter(s) purged" in purged.stdout, purged
     assert json.loads(rig.cli("--json", "dead-letters").stdout) == []
+    nothing = rig.cli("retry", "--all")  # nothing to do is not an error
+    assert nothing.returncode == 0 and "0 dead letter(s) requeued" in nothing.stdout, nothing
     status = json.loads(rig.cli("--json", "status").stdout)
     assert status["dead_letters"] == 0
     assert rig.picky.received == {}

@@ -512,3 +512,39 @@ def test_subscription_refused_by_server_permissions_makes_agent_unready(
     finally:
         agent.stop()
         server.stop()
+
+
+def test_far_agent_killed_mid_association_costs_one_timeout_not_one_per_request(
+    rig: FailureRig,
+) -> None:
+    """The cloud agent dies (SIGKILL) while an SCU's association is open and comes back. The
+    first C-STORE after it waits out the relay timeout (its far session is gone), the
+    listener finds the session gone, and the next C-STOREs of the same association go through
+    a new far session: Success, stored, no timeout each."""
+    from pydicom import dcmread
+
+    ds = dcmread(CT)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, [ds.file_meta.TransferSyntaxUID])
+    ae.dimse_timeout = 60
+    assoc = ae.associate(LOOPBACK, rig.port, ae_title="GOODSCP")
+    assert assoc.is_established
+    rig.good_scp.clear()
+    try:
+        assert assoc.send_c_store(ds).Status == 0
+        rig.cloud.kill()
+        rig.cloud.start()
+        started = time.monotonic()
+        first = int(assoc.send_c_store(ds).Status)
+        assert first == 0xA700, hex(first)  # out of resources: timed out waiting
+        assert time.monotonic() - started < REQUEST_S + 5
+        started = time.monotonic()
+        later = [int(assoc.send_c_store(ds).Status) for _ in range(3)]
+        assert later == [0, 0, 0], later
+        assert time.monotonic() - started < REQUEST_S, "a later request waited for a timeout"
+    finally:
+        assoc.release()
+    assert rig.good_scp.files(), "nothing stored through the new far session"
+    assert any("far session lost" in str(line.get("msg")) for line in rig.edge.log_lines()), (
+        rig.edge.log_tail()
+    )

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dimse_relay import envelope, subjects
-from dimse_relay.config import ConfigError, parse_config
+from dimse_relay.config import ConfigError, load_config, parse_config
 from dimse_relay.envelope import ChunkHeader, EnvelopeError, RequestHeader
 from dimse_relay.metrics import status_class
 from dimse_relay.statuses import FAR_SIDE_TIMEOUT, PROTOCOL_ERROR
@@ -178,3 +178,20 @@ def test_config_rejects_ports_that_cannot_both_be_bound() -> None:
             {},
         )
     assert any("bound both on all addresses" in e for e in err.value.errors)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("listeners: []\nlisteners: []\n", ":2:1: invalid YAML: duplicate key 'listeners'"),
+        ("listeners:\n  - {ae_title: A, port: 1, port: 2}\n", "duplicate key 'port'"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_not_last_one_wins(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert where in str(err.value), err.value

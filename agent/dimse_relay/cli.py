@@ -46,6 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The readiness fields of /status (agent.ready) that must all be true.
+_READINESS_CHECKS = (
+    "nats_connected",
+    "listeners_bound",
+    "targets_subscribed",
+    "subscriptions_permitted",
+    "edge_queue_ready",
+)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     url = args.url
     if args.config:
@@ -64,6 +74,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         print(f"agent {data['agent']} {data['version']}  ready={data['ready']}")
+        if not data["ready"]:
+            failing = [k for k in _READINESS_CHECKS if data.get(k) is False]
+            if data.get("ready_requires_targets") and data.get("targets_reachable") is False:
+                failing.append("targets_reachable")
+            print(f"  not ready: {', '.join(f'{k}=false' for k in failing) or 'unknown'}")
         print(f"  NATS: connected={data['nats_connected']} server={data['nats_server']}")
         for lst in data["listeners"]:
             print(

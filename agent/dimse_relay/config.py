@@ -6,7 +6,9 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +32,9 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, Field(description="DICOM Application Entity Title")]
+# A TCP port written as a number ('104' in quotes is a string, and an error).
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+HostName = Annotated[str, Field(min_length=1, pattern=r"^[^\s/]+$")]
 
 
 class _Strict(BaseModel):
@@ -75,6 +80,15 @@ class NATSConfig(_Strict):
         for url in servers:
             if "://" not in url:
                 raise ValueError(f"server URL needs a scheme (tls:// or nats://): {url!r}")
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme not in ("tls", "nats", "ws", "wss"):
+                raise ValueError(f"server URL scheme must be tls, nats, ws or wss: {url!r}")
+            try:
+                port = parsed.port
+            except ValueError:
+                raise ValueError(f"server URL has an invalid port: {url!r}") from None
+            if not parsed.hostname or port == 0:
+                raise ValueError(f"server URL needs a host and a port 1-65535: {url!r}")
         return servers
 
     @field_validator("subject_prefix", "inbox_prefix")
@@ -153,7 +167,7 @@ class ListenerConfig(_Strict):
     ae_title: str
     remote_ae_title: str | None = None
     bind: str = "0.0.0.0"  # noqa: S104 - a DICOM SCP serves the hospital LAN
-    port: int = Field(ge=1, le=65535)
+    port: Port
     # sync: the SCU gets the far target's own status. queued: C-STORE is acknowledged once the
     # instance is durably in the edge JetStream queue and delivered later (docs/queued-mode.md).
     mode: Literal["sync", "queued"] = "sync"
@@ -172,6 +186,15 @@ class ListenerConfig(_Strict):
     @classmethod
     def _aets(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"must be an IP address of this host: {value!r}") from None
+        return value
 
     @property
     def far_ae_title(self) -> str:
@@ -367,8 +390,8 @@ class TargetConfig(_Strict):
 
     ae_title: str
     kind: Literal["scp", "filesystem", "dicomweb"] = "scp"
-    host: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
+    host: HostName | None = None
+    port: Port | None = None
     called_ae_title: str | None = None
     calling_ae_title: str | None = None
     max_sessions: int = Field(default=64, ge=1)
@@ -424,8 +447,8 @@ class TargetConfig(_Strict):
 class MoveDestination(_Strict):
     """Where a C-MOVE destination AE title lives on this agent's side."""
 
-    host: str
-    port: int = Field(ge=1, le=65535)
+    host: HostName
+    port: Port
 
 
 class QueueConfig(_Strict):
@@ -576,6 +599,23 @@ def parse_config(raw: Any, environ: dict[str, str] | None = None) -> AgentConfig
         raise ConfigError([_format_error(e) for e in exc.errors()]) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one, so a second `listeners:` block would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        assert isinstance(node, yaml.MappingNode)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> AgentConfig:
     path = Path(path)
     try:
@@ -583,7 +623,7 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Agen
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -76,6 +76,8 @@ from dimse_relay.streaming import StreamAborted, await_response
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
+# How long a session liveness probe waits: a live session does not answer it at all.
+SESSION_PROBE_S = 1.0
 
 
 def _valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
@@ -367,6 +369,37 @@ class ListenerServer:
             raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, "association closed")
         return result.session_subject
 
+    def _forget_lost_session(self, relayed: RelayedAssociation) -> None:
+        """After a far-side timeout: is the far session still there? A far agent that died
+        (its session subscription gone) would make every later request of the association
+        wait out its own timeout; instead the next request opens a new far session, with
+        whichever agent serves the far AE title now."""
+        subject = relayed.session_subject
+        if not subject:
+            return
+        try:
+            gone = bool(self._call(self._session_gone(subject), SESSION_PROBE_S + 1.0))
+        except Exception:
+            return
+        if not gone:
+            return
+        with self._lock:
+            if relayed.session_subject != subject or relayed.closed:
+                return
+            relayed.session_subject = None
+        metrics.ACTIVE_SESSIONS.labels(role="listener").dec()
+        LOG.warning("far session lost; the next request opens a new one", extra=relayed.log_extra)
+
+    async def _session_gone(self, subject: str) -> bool:
+        """True if nobody is subscribed to ``subject`` (NATS answers "no responders"). The
+        probe is a CANCEL for no operation, which a live session ignores (no answer)."""
+        probe = envelope.encode(CancelHeader(op_id=0))
+        try:
+            await self.transport.client().request(subject, probe, timeout=SESSION_PROBE_S)
+        except Exception as exc:
+            return "NoResponders" in type(exc).__name__
+        return False
+
     def _attach_session(self, relayed: RelayedAssociation, subject: str) -> bool:
         """Record the far session; if the SCU's association ended while the OPEN was in
         flight (pynetdicom keeps reading meanwhile), close the far session right away."""
@@ -403,6 +436,8 @@ class ListenerServer:
                 "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
             )
             status = self._failure_status(service, exc.failure)
+            if exc.failure is statuses.FAR_SIDE_TIMEOUT:
+                self._forget_lost_session(relayed)
         except Exception as exc:  # a bug must give a failure status, never a false Success
             LOG.error(
                 "relay error",

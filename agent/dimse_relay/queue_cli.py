@@ -90,7 +90,7 @@ async def _run(cfg: AgentConfig, args: argparse.Namespace) -> int:
         seqs = [int(s) for s in args.seq]
         if args.all:
             seqs = [int(it["seq"]) for it in await queue.list_dead(limit=10**9)]
-        if not seqs:
+        if not seqs and not args.all:
             print("dimse-relay queue: name dead letters by sequence or use --all", file=sys.stderr)
             return 2
         done = 0

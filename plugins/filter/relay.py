@@ -299,6 +299,22 @@ def relay_sites_problems(sites: Any, var: str = "dimse_relay_sites") -> list[str
     return problems
 
 
+def relay_host_site_problems(hosts: list[dict[str, Any]], sites: dict[str, Any]) -> list[str]:
+    """For the agent hosts' variables ``hosts``: each must name a site of ``sites`` in
+    ``dimse_relay_site``; the message quotes the value given."""
+    problems = []
+    for host in hosts:
+        name = host.get("inventory_hostname", "?")
+        if "dimse_relay_site" not in host:
+            problems.append(f"host {name}: dimse_relay_site is not set")
+        elif host["dimse_relay_site"] not in sites:
+            problems.append(
+                f"host {name}: dimse_relay_site {host['dimse_relay_site']!r} names a site "
+                f"missing from dimse_relay_sites (sites: {sorted(sites)})"
+            )
+    return problems
+
+
 def nats_k8s_dns_names(name: str, namespace: str, domain: str = "cluster.local") -> list[str]:
     """DNS names a NATS server/route certificate needs in Kubernetes: the client Service
     <name> and every pod <name>-<i>.<name>-headless, short and fully qualified."""
@@ -356,6 +372,7 @@ class FilterModule:
             "relay_client_dn": relay_client_dn,
             "relay_inbox_prefix": relay_inbox_prefix,
             "relay_sites_problems": relay_sites_problems,
+            "relay_host_site_problems": relay_host_site_problems,
             "nats_k8s_dns_names": nats_k8s_dns_names,
             "nats_k8s_route_urls": nats_k8s_route_urls,
             "relay_k8s_agent_users": relay_k8s_agent_users,
