@@ -610,3 +610,22 @@ def test_queue_sized_close_to_the_leaf_store_survives_agent_and_leaf_restarts(
     finally:
         edge.stop()
         leaf.stop()
+
+
+def test_same_instance_for_two_far_ae_titles_is_delivered_to_both(
+    rig: QueueRig, tmp_path: Path
+) -> None:
+    """Dedupe is per far AE title: a modality sending one instance to the archive and to
+    another queued destination gets both deliveries, not one and a silent duplicate."""
+    (instance,) = small_instances(tmp_path / "both", 1)
+    rig.scp.clear()
+    rig.picky.received.clear()
+    assert storescu(rig.port, [instance], "ARCHIVE").statuses() == ["Success"]
+    assert storescu(rig.port, [instance], "PICKY", extra=["-R"]).statuses() == ["Success"]
+    expected = dataset_bytes(instance)
+    assert rig.wait_stored([expected], 30) == [expected]
+    deadline = time.monotonic() + 30
+    while not rig.picky.received and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(rig.picky.received.values()) == [expected]
+    rig.wait_drained(10)

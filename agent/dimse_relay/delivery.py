@@ -28,6 +28,7 @@ from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from dimse_relay import envelope, metrics, statuses
 from dimse_relay.config import AgentConfig, ListenerTimeouts
@@ -117,13 +118,17 @@ class Deliverer:
 
     async def _stats_loop(self) -> None:
         while not self._stopping:
-            with contextlib.suppress(Exception):
+            try:
                 if not self.queue.ready and self.transport.connected:
                     # Set up again after an error invalidated it (C-ECHO and /readyz answer
                     # from this), even when no C-STORE comes to do it.
                     await self.queue.setup()
                 if self.queue.ready:
                     await self.queue.refresh_stats()
+            except NotFoundError:
+                self.queue.invalidate()  # a stream or the bucket is gone: set up again
+            except Exception:  # noqa: S110 - NATS hiccups: the next poll tries again
+                pass
             await asyncio.sleep(self.qcfg.stats_interval_s)
 
     async def _run(self, far_ae_title: str) -> None:
@@ -133,6 +138,7 @@ class Deliverer:
             try:
                 if not self.queue.ready:
                     await self.queue.setup()
+                await self.queue.ensure_consumer(far_ae_title)
                 js = self.queue.js()
                 psub = await js.pull_subscribe_bind(
                     consumer_name(far_ae_title), stream=self.qcfg.stream
@@ -142,7 +148,8 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.queue.invalidate()
+                # This far AE title's delivery only: the queue itself is checked by the
+                # statistics poll, and a C-STORE that fails sets it up again.
                 LOG.warning(
                     "edge queue delivery paused, retrying",
                     extra={"error": type(exc).__name__, "retry_s": delay},

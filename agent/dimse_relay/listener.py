@@ -76,8 +76,10 @@ from dimse_relay.streaming import StreamAborted, await_response
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
-# How long a session liveness probe waits: a live session does not answer it at all.
-SESSION_PROBE_S = 1.0
+# How long a session liveness probe waits: a live session does not answer it at all (so this
+# is what a far-side timeout on a live session costs in addition), a gone one is reported by
+# NATS ("no responders") within a round trip.
+SESSION_PROBE_S = 0.25
 
 
 def _valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
@@ -388,6 +390,8 @@ class ListenerServer:
                 return
             relayed.session_subject = None
         metrics.ACTIVE_SESSIONS.labels(role="listener").dec()
+        # In case "no responders" was a reconnecting far agent: it then closes its session.
+        self._send_close(subject, "abort")
         LOG.warning("far session lost; the next request opens a new one", extra=relayed.log_extra)
 
     async def _session_gone(self, subject: str) -> bool:

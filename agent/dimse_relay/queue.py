@@ -11,11 +11,12 @@ Three JetStream assets, shared by every agent of the site (names in ``queue`` co
 - the dead-letter stream: items that failed permanently or ran out of attempts, with the
   reason in headers; `dimse-relay queue` lists, retries and purges them.
 
-Dedupe: the queue message's ``Nats-Msg-Id`` is the SOP Instance UID plus the dataset's sha256,
-so the same instance offered twice within ``duplicate_window_s`` is stored once, while a
-different instance reusing a UID is queued (and delivered) as the separate instance it is.
-A large instance's object is named after the same pair (hashed), so a modality's resend after
-an unconfirmed write reuses the object its first queue message may already name.
+Dedupe: the queue message's ``Nats-Msg-Id`` is the far AE title, the SOP Instance UID and the
+dataset's sha256, so the same instance offered twice for one far AE title within
+``duplicate_window_s`` is stored once, while a different instance reusing a UID is queued (and
+delivered) as the separate instance it is. A large instance's object is named after that id
+(hashed), so a modality's resend after an unconfirmed write reuses the object its first queue
+message may already name.
 
 Delivery: one durable pull consumer per far AE title (``deliver-<AE token>``, filtered on
 that AE title's queue subject), so an outage of one far AE title holds only its own items.
@@ -28,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -87,14 +90,29 @@ def dead_subject(prefix: str, ae_title: str) -> str:
     return f"{prefix}.{subjects.VERSION}.dead.{subjects.encode_aet(ae_title)}"
 
 
-def dedupe_id(sop_instance_uid: str, digest: str) -> str:
-    return f"{sop_instance_uid}:{digest}"
+def dedupe_id(far_ae_title: str, sop_instance_uid: str, digest: str) -> str:
+    """One instance for one far AE title: the same instance queued for two far AE titles is
+    two items."""
+    return f"{far_ae_title}:{sop_instance_uid}:{digest}"
 
 
-def object_name(sop_instance_uid: str, digest: str) -> str:
-    """The bucket object of a large instance: the same for the same instance (a resend reuses
-    it), and no UID in the bucket's subjects."""
-    return hashlib.sha256(dedupe_id(sop_instance_uid, digest).encode()).hexdigest()
+def object_name(dedupe: str, unique: str = "") -> str:
+    """The bucket object of a large instance: the same for the same item (a resend within
+    the duplicate window reuses it), or made unique; no UID in the bucket's subjects."""
+    return hashlib.sha256(f"{dedupe}{unique}".encode()).hexdigest()
+
+
+def _age_s(mtime: str | None) -> float | None:
+    """Seconds since an object's RFC 3339 mtime (nanoseconds allowed), None if unreadable."""
+    if not mtime:
+        return None
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", mtime)
+    if not match:
+        return None
+    frac = (match.group(2) or ".0")[:7]
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    when = datetime.datetime.fromisoformat(match.group(1) + frac + zone)
+    return time.time() - when.timestamp()
 
 
 def consumer_name(far_ae_title: str) -> str:
@@ -134,6 +152,7 @@ class EdgeQueue:
         self._ready = False
         self._setup_lock = asyncio.Lock()
         self._objects: ObjectStore | None = None
+        self._writes: dict[str, asyncio.Future[api.ObjectInfo]] = {}
         self.stats = QueueStats()
 
     # -- JetStream assets ------------------------------------------------------------------
@@ -181,7 +200,7 @@ class EdgeQueue:
         ]
 
     async def setup(self) -> None:
-        """Create or update the streams, the bucket and the delivery consumer (idempotent;
+        """Create or update the streams and the bucket (idempotent;
         every agent of a site runs it at start and after a reconnect)."""
         async with self._setup_lock:
             if self._ready:  # set up by a concurrent caller meanwhile
@@ -199,12 +218,13 @@ class EdgeQueue:
                         extra={"reserved_bytes": reserved_bytes(self.cfg)},
                     )
                 raise
-            for far in self.far_ae_titles:
-                await self._ensure_consumer(js, far)
             self._ready = True
             LOG.info("edge queue ready", extra={"stream": self.cfg.stream})
 
-    async def _ensure_consumer(self, js: JetStreamContext, far_ae_title: str) -> None:
+    async def ensure_consumer(self, far_ae_title: str) -> None:
+        """Create (or keep) the delivery consumer of one far AE title. Not part of setup():
+        a problem with one far AE title's consumer must not stop queuing for the others."""
+        js = self.js()
         name = consumer_name(far_ae_title)
         consumer = api.ConsumerConfig(
             durable_name=name,
@@ -230,8 +250,9 @@ class EdgeQueue:
                 LOG.error(
                     "edge queue: cannot create a delivery consumer; remove overlapping "
                     "consumers of the queue stream",
-                    extra={"consumer": name, "error": exc.description or str(exc.err_code)},
+                    extra={"error": exc.description or str(exc.err_code)},
                 )
+                LOG.debug("edge queue: the consumer that failed", extra={"consumer": name})
                 raise exc from None
 
     async def setup_objects(self) -> None:
@@ -284,15 +305,16 @@ class EdgeQueue:
             raise QueueFull("edge queue limit reached")
         js = self.js()
         body: bytes | bytearray = command
+        dedupe = dedupe_id(header.called_ae_title, header.sop_instance_uid, header.digest)
+        reused = False
         if header.dataset_length <= min(self.cfg.inline_max_bytes, self._payload_room()):
             with path.open("rb") as fh:
                 fh.seek(offset)
                 body = command + fh.read(header.dataset_length)
         else:
-            name = object_name(header.sop_instance_uid, header.digest)
+            name, reused = await self._put_object(header, dedupe, path, offset)
             header = header.model_copy(update={"object_name": name})
-            await self._put_object(header, path, offset)
-        headers = {"Nats-Msg-Id": dedupe_id(header.sop_instance_uid, header.digest)}
+        headers = {"Nats-Msg-Id": dedupe}
         try:
             ack = await js.publish(
                 queue_subject(self.prefix, header.called_ae_title),
@@ -302,8 +324,8 @@ class EdgeQueue:
                 headers=headers,
             )
         except APIError as exc:
-            # JetStream refused the message: nothing names the object.
-            if header.object_name:
+            # JetStream refused the message: nothing new names the object.
+            if header.object_name and not reused:
                 await self.delete_object(header.object_name)
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
@@ -315,7 +337,13 @@ class EdgeQueue:
             self.invalidate()
             raise QueueUnavailable(type(exc).__name__) from None
         if ack.duplicate:
-            if header.object_name and not await self._queued_names(ack.seq, header.object_name):
+            # An object found in the bucket belongs to the first copy (queued, or a dead
+            # letter): it stays. One written now stays only if the first copy names it.
+            if (
+                header.object_name
+                and not reused
+                and not await self._queued_names(ack.seq, header.object_name)
+            ):
                 await self.delete_object(header.object_name)
             metrics.QUEUE_DUPLICATES.inc()
             return Enqueued(header.item_id, duplicate=True)
@@ -353,36 +381,68 @@ class EdgeQueue:
         max_payload = int(self.transport.client().max_payload or 1024 * 1024)
         return max(4096, max_payload - 64 * 1024)
 
-    async def _put_object(self, header: QueuedHeader, path: Path, offset: int) -> None:
+    async def _put_object(
+        self, header: QueuedHeader, dedupe: str, path: Path, offset: int
+    ) -> tuple[str, bool]:
+        """Write the dataset to the bucket; returns the object's name and whether an object
+        already there was reused."""
         store = self.objects()
-        name = header.object_name
-        assert name is not None
+        name = object_name(dedupe)
+        running = self._writes.get(name)
+        if running is not None:
+            # The same instance is being written (a resend while the first write runs):
+            # wait for it rather than write a second set of chunks under the same name.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
         with contextlib.suppress(Exception):
-            # The same instance is in the bucket already (a resend): its name is its SOP
-            # Instance UID and sha256, and an object's meta is written after all its chunks,
-            # so it is complete. Writing it again would purge chunks a delivery may be reading.
+            # The same instance is in the bucket (a resend): an object's meta is written after
+            # all its chunks, so it is complete, and writing it again would purge chunks a
+            # delivery may be reading. Only within the duplicate window: a message stored
+            # later is not a duplicate and must not share the object of one that may be
+            # delivered (and its object deleted) first.
             existing = await store.get_info(name)
-            if not existing.deleted and existing.size == header.dataset_length:
-                return
+            age = _age_s(existing.mtime)
+            if (
+                not existing.deleted
+                and existing.size == header.dataset_length
+                and age is not None
+                and age < self.cfg.duplicate_window_s - 60
+            ):
+                return name, True
+            if not existing.deleted:
+                name = object_name(dedupe, header.item_id)
         meta = api.ObjectMeta(
             name=name,
             options=api.ObjectMetaOptions(
                 max_chunk_size=min(self.cfg.object_chunk_bytes, self._payload_room())
             ),
         )
+        task = asyncio.ensure_future(self._write_object(store, meta, path, offset))
+        self._writes[name] = task
+        try:
+            info = await task
+        finally:
+            if self._writes.get(name) is task:
+                del self._writes[name]
+        if info.size != header.dataset_length:
+            await self.delete_object(name)
+            raise QueueUnavailable("object size mismatch")
+        return name, False
+
+    async def _write_object(
+        self, store: ObjectStore, meta: api.ObjectMeta, path: Path, offset: int
+    ) -> api.ObjectInfo:
+        assert meta.name is not None
         try:
             with path.open("rb") as fh:
                 fh.seek(offset)
                 # nats-py reads the file chunk by chunk and publishes each with an ack; on a
                 # failure it purges the chunks written so far.
-                info = await store.put(name, fh, meta=meta)
+                return await store.put(meta.name, fh, meta=meta)
         except Exception as exc:
             if _is_full(exc):
                 raise QueueFull(str(exc)[:120]) from None
             raise QueueUnavailable(type(exc).__name__) from None
-        if info.size != header.dataset_length:
-            await self.delete_object(name)
-            raise QueueUnavailable("object size mismatch")
 
     async def delete_object(self, name: str) -> None:
         """Delete an object and its delete marker (which would otherwise stay in the bucket

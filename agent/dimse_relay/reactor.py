@@ -11,8 +11,9 @@ Installed by :func:`install`, the idle sleeps become waits that end as soon as t
 something to do, or after ``IDLE_WAIT_S`` at the latest (timers, kill flags and the idle
 timeout are still checked then):
 
-- the DUL thread waits in ``select`` on its socket and on a wake-up pipe of its own, written
-  when another thread queues a PDU to send (``send_pdu``) or kills the reactor;
+- the DUL thread waits in ``poll`` on its socket and on a wake-up pipe of its own, written
+  when another thread queues a PDU to send (``send_pdu``) or stops the reactor (without a
+  free descriptor for the pipe, that association polls as pynetdicom does);
 - the association thread waits on an event set whenever the DUL thread has processed an
   event (a PDU arrived or was sent: DIMSE messages, release, abort), when a thread wants the
   reactor paused (the ``send_c_*`` methods) and when the association is killed.
@@ -47,16 +48,37 @@ def _activity_of(assoc: Any) -> threading.Event | None:
 
 
 class _WakingEvent(threading.Event):
-    """The association's reactor checkpoint: clearing it (a request to pause the reactor)
-    also wakes the reactor, which then pauses at once instead of after its idle wait."""
+    """The association's reactor checkpoint. Clearing it (a ``send_c_*`` asking the reactor
+    to pause) also wakes the reactor, which then pauses at once instead of after its idle
+    wait.
 
-    def __init__(self, activity: threading.Event):
+    It also closes a race of pynetdicom's pause handshake that waking the reactor on every
+    event makes likely: the reactor sets ``_is_paused``, passes the checkpoint and only then
+    clears ``_is_paused``; a ``send_c_*`` that clears the checkpoint in between sees the stale
+    flag, sends, and the reactor can take the response off the queue ("Received unexpected
+    C-ECHO service message", the caller gets none). Here passing the checkpoint and clearing
+    the flag happen under one lock with ``clear``: a reactor that finds the checkpoint
+    cleared meanwhile stays paused."""
+
+    def __init__(self, activity: threading.Event, assoc: Any):
         super().__init__()
         self._activity = activity
+        self._assoc = assoc
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        super().clear()
+        with self._lock:
+            super().clear()
         self._activity.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        while True:
+            if not super().wait(timeout):
+                return False
+            with self._lock:
+                if self.is_set():
+                    self._assoc._is_paused = False
+                    return True
 
 
 class _AssociationTime:
@@ -68,9 +90,9 @@ class _AssociationTime:
     @staticmethod
     def sleep(seconds: float) -> None:
         activity = _activity_of(threading.current_thread())
-        if activity is not None and seconds >= 0.001:
-            # The association thread's idle sleep (its reactor turn, or waiting for the
-            # DUL to stop): until the DUL has done something, or IDLE_WAIT_S.
+        if activity is not None and seconds == 0.001:
+            # The association thread's reactor turn (the only 1 ms sleep in
+            # pynetdicom.association): until its DUL has done something, or IDLE_WAIT_S.
             activity.wait(IDLE_WAIT_S)
             activity.clear()
             return
@@ -90,20 +112,24 @@ class _DulTime:
         if wake is None:
             time.sleep(min(seconds, _poll_interval_s))
             return
-        fds: list[Any] = [wake.read_fd]
-        assoc_socket = getattr(thread, "socket", None)
-        sock = getattr(assoc_socket, "socket", None)
-        if sock is not None:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return  # decrypted data waiting that select cannot see
-            with contextlib.suppress(OSError):
-                if sock.fileno() >= 0:
-                    fds.append(sock)
         try:
-            select.select(fds, [], [], IDLE_WAIT_S)
-        except (OSError, ValueError):  # the socket closed meanwhile
+            _wait_for_dul_work(thread, wake)
+        except Exception:  # e.g. the socket closed by another thread meanwhile
             time.sleep(_poll_interval_s)
-        wake.drain()
+
+
+def _wait_for_dul_work(thread: Any, wake: _WakePipe) -> None:
+    poller = select.poll()
+    poller.register(wake.read_fd, select.POLLIN)
+    sock = getattr(getattr(thread, "socket", None), "socket", None)
+    if sock is not None:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted data waiting that poll cannot see
+        fileno = sock.fileno()
+        if fileno >= 0:
+            poller.register(fileno, select.POLLIN)
+    poller.poll(IDLE_WAIT_S * 1000)
+    wake.drain()
 
 
 class _WakePipe:
@@ -148,7 +174,7 @@ _original: dict[str, Any] = {}
 def _association_init(self: Association, *args: Any, **kwargs: Any) -> None:
     _original["association_init"](self, *args, **kwargs)
     activity = threading.Event()
-    checkpoint = _WakingEvent(activity)
+    checkpoint = _WakingEvent(activity, self)
     if self._reactor_checkpoint.is_set():
         checkpoint.set()
     self._reactor_checkpoint = checkpoint
@@ -158,18 +184,23 @@ def _association_init(self: Association, *args: Any, **kwargs: Any) -> None:
 def _association_kill(self: Association) -> None:
     activity = _activity_of(self)
     if activity is not None:
+        self._kill = True  # before the wake-up, so the woken reactor sees it
         activity.set()
     _original["association_kill"](self)
 
 
 def _run_reactor(self: DULServiceProvider) -> None:
-    wake = _WakePipe()
+    try:
+        wake: _WakePipe | None = _WakePipe()
+    except OSError:  # out of descriptors: this association polls as pynetdicom does
+        wake = None
     self._relay_wake = wake  # type: ignore[attr-defined]
     try:
         _original["run_reactor"](self)
     finally:
         self._relay_wake = None  # type: ignore[attr-defined]
-        wake.close()
+        if wake is not None:
+            wake.close()
         activity = _activity_of(self.assoc)
         if activity is not None:
             activity.set()  # the association thread checks dul.is_alive()
@@ -183,6 +214,13 @@ def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
 def _kill_dul(self: DULServiceProvider) -> None:
     _original["kill_dul"](self)
     _wake_dul(self)
+
+
+def _stop_dul(self: DULServiceProvider) -> bool:
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        _wake_dul(self)  # it exits now rather than after its idle wait
+    return bool(_original["stop_dul"](self))
 
 
 def _do_action(self: StateMachine, event: str) -> None:
@@ -210,6 +248,7 @@ def install(poll_interval_s: float) -> None:
         run_reactor=DULServiceProvider.run_reactor,
         send_pdu=DULServiceProvider.send_pdu,
         kill_dul=DULServiceProvider.kill_dul,
+        stop_dul=DULServiceProvider.stop_dul,
         do_action=StateMachine.do_action,
     )
     Association.__init__ = _association_init  # type: ignore[method-assign]
@@ -217,4 +256,5 @@ def install(poll_interval_s: float) -> None:
     DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
     DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     DULServiceProvider.kill_dul = _kill_dul  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _stop_dul  # type: ignore[method-assign]
     StateMachine.do_action = _do_action  # type: ignore[method-assign]
