@@ -241,6 +241,22 @@ def test_negotiation_mirrors_what_the_real_scp_accepts(relay: Relay) -> None:
     assert negotiate(relay.port) == direct
 
 
+def test_listener_announces_a_one_mib_maximum_pdu(relay: Relay) -> None:
+    """The listener's A-ASSOCIATE-AC announces 1 MiB (the default max_pdu), so an SCU sends a
+    large instance in few PDUs rather than in pynetdicom's default 16 KiB ones."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", relay.port, ae_title="CLOUDSCP")
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.maximum_length == 1 << 20
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
 def test_sop_class_the_scp_refuses_is_refused_through_the_relay_too(relay: Relay) -> None:
     """An association whose only context the real SCP refuses (MR to a CT-only SCP): through
     the relay the SCU gets the same answer, no context accepted, and sends nothing; it is

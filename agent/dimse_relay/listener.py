@@ -155,8 +155,7 @@ class ListenerServer:
             ae.acse_timeout = first.timeouts.acse_s
             ae.dimse_timeout = first.timeouts.dimse_s
             ae.network_timeout = first.timeouts.network_s
-            if first.max_pdu:
-                ae.maximum_pdu_size = first.max_pdu
+            ae.maximum_pdu_size = first.max_pdu
             ae.supported_contexts = self._fallback
             by_aet = {c.ae_title: c for c in lcfgs}
             handlers: list[Any] = [

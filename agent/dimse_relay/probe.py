@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -155,7 +154,7 @@ def echo_probe(tcfg: TargetConfig, timeout_s: float) -> ProbeResult:
             host,
             port,
             ae_title=tcfg.scp_ae_title,
-            max_pdu=tcfg.max_pdu or DEFAULT_MAX_LENGTH,
+            max_pdu=tcfg.max_pdu,
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, connected),
                 *SOCKET_HANDLERS,

@@ -34,7 +34,6 @@ from pynetdicom import (
     build_role,
     evt,
 )
-from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.service_class import StorageServiceClass
@@ -192,7 +191,7 @@ class TargetSession:
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=ext_neg or None,
-            max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
+            max_pdu=self.cfg.max_pdu,
             evt_handlers=[*SOCKET_HANDLERS, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if assoc.is_established:
@@ -420,7 +419,7 @@ class TargetSession:
             contexts=contexts,
             ae_title=self.cfg.scp_ae_title,
             ext_neg=roles,
-            max_pdu=self.cfg.max_pdu or DEFAULT_MAX_LENGTH,
+            max_pdu=self.cfg.max_pdu,
             evt_handlers=[*SOCKET_HANDLERS, (evt.EVT_C_STORE, self._on_retrieved_store)],
         )
         if not retrieve_assoc.is_established:
