@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from dimse_relay import envelope, subjects
 from dimse_relay.config import ConfigError, load_config, parse_config
-from dimse_relay.envelope import ChunkHeader, EnvelopeError, RequestHeader
+from dimse_relay.envelope import (
+    ChunkHeader,
+    ContextProposal,
+    EnvelopeError,
+    OpenHeader,
+    RequestHeader,
+)
 from dimse_relay.metrics import status_class
 from dimse_relay.statuses import FAR_SIDE_TIMEOUT, PROTOCOL_ERROR
 
@@ -80,6 +86,49 @@ def test_mutated_envelopes_are_rejected_or_valid(body: bytes, flip: int) -> None
         envelope.decode(bytes(raw))
     except EnvelopeError:
         pass
+
+
+def test_open_for_128_contexts_with_every_transfer_syntax_fits() -> None:
+    """The largest OPEN a real SCU causes (128 contexts, each with every transfer syntax
+    pynetdicom knows) round-trips; version 1's 2-byte header length could not carry it."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+
+    contexts = [
+        ContextProposal(
+            id=2 * i + 1,
+            abstract_syntax=str(cx.abstract_syntax),
+            transfer_syntaxes=list(ALL_TRANSFER_SYNTAXES),
+            scu_role=False,
+            scp_role=True,
+        )
+        for i, cx in enumerate(StoragePresentationContexts[:128])
+    ]
+    hdr = OpenHeader(
+        assoc_id="a" * 32,
+        calling_ae_title="WORKSTATION",
+        called_ae_title="PACS",
+        contexts=contexts,
+        reply_inbox="_INBOX.x",
+    )
+    raw = envelope.encode(hdr)
+    assert 0xFFFF < len(raw) < 1024 * 1024  # above version 1's limit, within max_payload
+    decoded, body = envelope.decode(raw)
+    assert decoded == hdr and len(body) == 0
+
+
+def test_version_1_envelopes_still_decode() -> None:
+    """Items queued at the edge by a release that wrote version 1 are read after an upgrade."""
+    hdr = ChunkHeader(op_id=7, seq=1, offset=10, final=False)
+    raw = hdr.model_dump_json(exclude_none=True).encode()
+    v1 = b"DRLY\x01" + bytes([int(envelope.Kind.CHUNK)]) + len(raw).to_bytes(2, "big")
+    decoded, body = envelope.decode(v1 + raw + b"data")
+    assert decoded == hdr and bytes(body) == b"data"
+    v2 = envelope.encode(hdr, b"data")
+    assert v2[4] == 2 and envelope.decode(v2)[0] == hdr
+    too_long = b"DRLY\x02" + bytes([int(envelope.Kind.CHUNK)]) + (1 << 30).to_bytes(4, "big")
+    with pytest.raises(EnvelopeError) as exc:
+        envelope.decode(too_long + raw)
+    assert exc.value.reason == "bad_header"
 
 
 def test_status_classes() -> None:

@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
@@ -23,6 +24,7 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom.association import Association
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -34,6 +36,8 @@ from pynetdicom.utils import set_ae
 from dimse_relay import reactor
 from dimse_relay.config import DimseTLSConfig
 from dimse_relay.envelope import ContextProposal, ContextResult
+
+LOG = logging.getLogger("dimse_relay.dicom")
 
 # pynetdicom's DIMSE layer puts every P-DATA primitive of a message on the DUL's unbounded
 # send queue as fast as it can read the dataset file; with a slower peer a large instance ends
@@ -50,6 +54,34 @@ def _bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
 
 
+class SpooledInstance(Dataset):
+    """An instance in a Part 10 spool file, given to pynetdicom's C-GET/C-MOVE SCP (which
+    wants a Dataset for each sub-operation): its C-STORE sends the file's dataset bytes as
+    they are (see _send_spooled). Decoding and encoding again would change some instances
+    (deflate, RLE, some JPEG files, UN sequences) or fail for others."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid  # for pynetdicom's Failed SOP Instance UID List
+        self.SOPInstanceUID = sop_instance_uid
+        self.spool_path = path
+
+
+_original_send_c_store = Association.send_c_store
+
+
+def _send_spooled(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+    if isinstance(dataset, SpooledInstance):
+        try:
+            return _original_send_c_store(self, dataset.spool_path, *args, **kwargs)
+        except ValueError:
+            # No accepted context in the file's own transfer syntax: as pynetdicom does for a
+            # Dataset, send it converted to an accepted uncompressed syntax, if there is one.
+            LOG.warning("sub-operation instance sent in another transfer syntax")
+            dataset = dcmread(dataset.spool_path)
+    return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
 def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002) -> None:
     """Process-wide pynetdicom settings the relay depends on."""
     global POLL_INTERVAL_S
@@ -58,6 +90,7 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
         # Back-pressure on the DIMSE send path (see _bounded_send_pdu).
         DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
         AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+        Association.send_c_store = _send_spooled  # type: ignore[method-assign]
     # pynetdicom's reactor threads wait for work instead of polling (reactor.py).
     reactor.install(poll_interval_s)
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the

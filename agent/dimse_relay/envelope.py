@@ -24,9 +24,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"DRLY"
-VERSION = 1
-_PREFIX = struct.Struct(">4sBBH")
-MAX_HEADER = 32 * 1024
+# Version 2 has a 4-byte header length (an OPEN for an association proposing 128 contexts with
+# every transfer syntax needs more than version 1's 2 bytes). Version 1 is still decoded, so
+# messages queued at the edge by an earlier release are delivered after an upgrade.
+VERSION = 2
+_PREFIX = struct.Struct(">4sBBI")
+_PREFIX_V1 = struct.Struct(">4sBBH")
+SUPPORTED_VERSIONS = (1, 2)
+MAX_HEADER = 768 * 1024
 # Largest dataset chunk a receiver accepts, whatever its own nats.chunk_size (config maximum).
 MAX_CHUNK = 8 * 1024 * 1024
 
@@ -208,22 +213,28 @@ def encode(header: HeaderModel, body: bytes | memoryview = b"") -> bytes:
 
 def decode(data: bytes) -> tuple[HeaderModel, memoryview]:
     """Parse one envelope; raise EnvelopeError with a metric reason for anything invalid."""
-    if len(data) < _PREFIX.size:
+    if len(data) < _PREFIX_V1.size:
         raise EnvelopeError("truncated", f"{len(data)} bytes is shorter than the fixed prefix")
-    magic, version, kind_value, header_len = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
+    if data[:4] != MAGIC:
         raise EnvelopeError("bad_magic", "not a dimse-relay envelope")
-    if version != VERSION:
+    version = data[4]
+    if version not in SUPPORTED_VERSIONS:
         raise EnvelopeError("bad_version", f"envelope version {version} is not supported")
+    prefix = _PREFIX if version == 2 else _PREFIX_V1
+    if len(data) < prefix.size:
+        raise EnvelopeError("truncated", f"{len(data)} bytes is shorter than the fixed prefix")
+    _, _, kind_value, header_len = prefix.unpack_from(data)
     try:
         kind = Kind(kind_value)
     except ValueError:
         raise EnvelopeError("bad_kind", f"unknown kind {kind_value}") from None
-    end = _PREFIX.size + header_len
+    if header_len > MAX_HEADER:
+        raise EnvelopeError("bad_header", f"header of {header_len} bytes is too long")
+    end = prefix.size + header_len
     if len(data) < end:
         raise EnvelopeError("truncated", "header runs past the end of the message")
     try:
-        obj = json.loads(bytes(data[_PREFIX.size : end]).decode("utf-8"))
+        obj = json.loads(bytes(data[prefix.size : end]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise EnvelopeError("bad_header", "header is not UTF-8 JSON") from None
     if not isinstance(obj, dict):

@@ -76,6 +76,8 @@ from dimse_relay.streaming import StreamAborted, await_response
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
+# A C-GET in this SOP class makes pynetdicom strip bulk data from every instance it sends.
+COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA = "1.2.840.10008.5.1.4.1.2.5.3"
 # How long a session liveness probe waits: a live session does not answer it at all (so this
 # is what a far-side timeout on a live session costs in addition), a gone one is reported by
 # NATS ("no responders") within a round trip.
@@ -615,7 +617,9 @@ class ListenerServer:
         and pynetdicom sends them to the SCU as C-STORE sub-operations on its association."""
         command, raw = split_request(cast(C_GET, event.request), C_GET_RQ())
         retrieved = self._retrieve(event, "C-GET", command, raw)
-        yield from retrieved.suboperations()
+        yield from retrieved.suboperations(
+            decode=str(event.context.abstract_syntax) == COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA
+        )
 
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE: as C-GET on the far side; this agent stores the instances to the move

@@ -21,7 +21,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 
 from dimse_relay import envelope, metrics, statuses
-from dimse_relay.dicom import decode_command, encode_command, request_command
+from dimse_relay.dicom import (
+    SpooledInstance,
+    decode_command,
+    encode_command,
+    request_command,
+)
 from dimse_relay.envelope import AckHeader, ChunkHeader, ErrorHeader, RequestHeader, ResponseHeader
 from dimse_relay.streaming import SpooledDataset
 from dimse_relay.transport import NatsTransport
@@ -81,9 +86,11 @@ class Retrieved:
             return 0
         return int(self.final.get("NumberOfFailedSuboperations", 0) or 0)
 
-    def suboperations(self) -> Iterator[Any]:
+    def suboperations(self, decode: bool = False) -> Iterator[Any]:
         """pynetdicom's C-GET/C-MOVE handler protocol: the number of sub-operations, a
-        (Pending, dataset) per instance, then the final status."""
+        (Pending, dataset) per instance, then the final status. Instances go out as received
+        (SpooledInstance); ``decode`` reads them into Datasets instead, for a retrieve
+        whose SOP class makes pynetdicom edit each instance (without bulk data)."""
         try:
             failure = self.failure
             if failure is None and self.final is None:
@@ -113,7 +120,7 @@ class Retrieved:
                 return
             yield total
             for spool in self.instances:
-                yield 0xFF00, dcmread(spool.path)
+                yield 0xFF00, dcmread(spool.path) if decode else spooled_instance(spool)
                 spool.discard()
             if code != 0x0000 or far_failed:
                 # The SCP's own warning/failure/cancel and its Failed SOP Instance UID List;
@@ -124,6 +131,13 @@ class Retrieved:
         finally:
             for spool in self.instances:
                 spool.discard()
+
+
+def spooled_instance(spool: SpooledDataset) -> SpooledInstance:
+    command = spool.command
+    return SpooledInstance(
+        spool.path, str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID)
+    )
 
 
 class RetrieveCollector:
