@@ -277,9 +277,7 @@ CORPUS_FILES = [
 def test_get_and_move_proposing_every_transfer_syntax(rig: RetrieveRig, name: str) -> None:
     """A workstation proposing 120 storage SOP classes in every transfer syntax (its OPEN to
     the far agent is over 64 KiB): C-GET through the relay gives the SCU the bytes it gets
-    directly; C-MOVE stores the same instances at the destination. (Not the same bytes: the
-    far agent performs a move as a C-GET proposing every syntax in one context per SOP class,
-    and Orthanc then sends these files decompressed; see docs/architecture.md.)"""
+    directly, C-MOVE gives the destination the bytes a direct move gives it."""
     path = Path(pydicom.data.get_testdata_file(name))
     rig.pacs.upload(path)
     ident = study_identifier(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
@@ -292,6 +290,26 @@ def test_get_and_move_proposing_every_transfer_syntax(rig: RetrieveRig, name: st
     rig.relay_dest.clear()
     assert move(rig.pacs.port, "ORTHANC", "DESTSCP", ident)[-1].Status == 0x0000
     assert move(rig.port, "PACS", "DESTSCP", ident)[-1].Status == 0x0000
-    expected = [f.name for f in rig.direct_dest.files()]
+    expected = {f.name: dataset_bytes(f) for f in rig.direct_dest.files()}
     assert len(expected) == len(direct)
-    assert [f.name for f in rig.relay_dest.files()] == expected
+    assert {f.name: dataset_bytes(f) for f in rig.relay_dest.files()} == expected
+
+
+@pytest.mark.parametrize("name", ["693_J2KI.dcm", "JPEG2000.dcm", "MR_small_jp2klossless.dcm"])
+def test_move_keeps_the_transfer_syntax_the_pacs_holds(rig: RetrieveRig, name: str) -> None:
+    """A JPEG 2000 instance, which Orthanc (without a transcoding plugin) can only send as it
+    holds it: moved directly and through the relay, the destination gets the same bytes. The
+    far agent asks Orthanc which SOP classes the move covers and proposes a context for each
+    of their transfer syntaxes (a C-GET with one context per class would make Orthanc
+    transcode, and fail)."""
+    path = Path(pydicom.data.get_testdata_file(name))
+    rig.pacs.upload(path)
+    ident = study_identifier(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
+    rig.direct_dest.clear()
+    rig.relay_dest.clear()
+    assert move(rig.pacs.port, "ORTHANC", "DESTSCP", ident)[-1].Status == 0x0000
+    final = move(rig.port, "PACS", "DESTSCP", ident)[-1]
+    assert final.Status == 0x0000, final
+    expected = {f.name: dataset_bytes(f) for f in rig.direct_dest.files()}
+    assert len(expected) == 1
+    assert {f.name: dataset_bytes(f) for f in rig.relay_dest.files()} == expected

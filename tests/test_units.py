@@ -112,23 +112,64 @@ def test_open_for_128_contexts_with_every_transfer_syntax_fits() -> None:
     )
     raw = envelope.encode(hdr)
     assert 0xFFFF < len(raw) < 1024 * 1024  # above version 1's limit, within max_payload
+    assert raw[4] == 2
     decoded, body = envelope.decode(raw)
     assert decoded == hdr and len(body) == 0
 
 
-def test_version_1_envelopes_still_decode() -> None:
-    """Items queued at the edge by a release that wrote version 1 are read after an upgrade."""
+def test_short_headers_are_version_1_and_both_versions_decode() -> None:
+    """A header that fits version 1 is sent as version 1 (agents built before version 2 read
+    it); version 2 with the same header decodes the same; an oversized or truncated version 2
+    prefix is rejected."""
     hdr = ChunkHeader(op_id=7, seq=1, offset=10, final=False)
     raw = hdr.model_dump_json(exclude_none=True).encode()
-    v1 = b"DRLY\x01" + bytes([int(envelope.Kind.CHUNK)]) + len(raw).to_bytes(2, "big")
-    decoded, body = envelope.decode(v1 + raw + b"data")
+    kind = bytes([int(envelope.Kind.CHUNK)])
+    v1 = b"DRLY\x01" + kind + len(raw).to_bytes(2, "big")
+    assert envelope.encode(hdr, b"data") == v1 + raw + b"data"
+    v2 = b"DRLY\x02" + kind + len(raw).to_bytes(4, "big")
+    decoded, body = envelope.decode(v2 + raw + b"data")
     assert decoded == hdr and bytes(body) == b"data"
-    v2 = envelope.encode(hdr, b"data")
-    assert v2[4] == 2 and envelope.decode(v2)[0] == hdr
+    for truncated in (b"DRLY\x02" + kind + b"\x00\x00", v2 + raw[:-1]):
+        with pytest.raises(EnvelopeError) as exc:
+            envelope.decode(truncated)
+        assert exc.value.reason == "truncated"
+    nested = b"[" * 100_000
+    with pytest.raises(EnvelopeError) as exc:
+        envelope.decode(b"DRLY\x02" + kind + len(nested).to_bytes(4, "big") + nested)
+    assert exc.value.reason == "bad_header"
     too_long = b"DRLY\x02" + bytes([int(envelope.Kind.CHUNK)]) + (1 << 30).to_bytes(4, "big")
     with pytest.raises(EnvelopeError) as exc:
         envelope.decode(too_long + raw)
     assert exc.value.reason == "bad_header"
+
+
+def test_move_storage_contexts_fit_and_cover_the_moved_classes() -> None:
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+
+    from dimse_relay.move_contexts import storage_contexts
+
+    ct, mr, sr = (
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.88.22",
+    )
+    one = storage_contexts([ct])
+    assert [cx.transfer_syntax for cx in one] == [[ts] for ts in _ordered(ALL_TRANSFER_SYNTAXES)]
+    three = storage_contexts([ct, mr, sr])
+    assert len(three) <= 127 and {str(cx.abstract_syntax) for cx in three} == {ct, mr, sr}
+    assert all(len(cx.transfer_syntax) == 1 for cx in three)
+    many = storage_contexts([f"1.2.3.{i}" for i in range(100)])
+    assert len(many) == 100 and all(len(cx.transfer_syntax) > 30 for cx in many)
+    fallback = storage_contexts(None)
+    assert (
+        len(fallback) == min(127, len(StoragePresentationContexts))
+        and storage_contexts([f"1.2.{i}" for i in range(200)]) == fallback
+    )
+
+
+def _ordered(syntaxes: list[str]) -> list[str]:
+    big_endian = "1.2.840.10008.1.2.2"
+    return [ts for ts in syntaxes if ts != big_endian] + [big_endian]
 
 
 def test_status_classes() -> None:
@@ -176,6 +217,41 @@ def test_config_rejects_duplicates_and_bad_titles() -> None:
             base_config(targets=[{"ae_title": "BAD\\AET", "host": "h", "port": 104}]), environ={}
         )
     assert any(e.startswith("targets.0.ae_title") for e in err.value.errors)
+
+
+def test_max_pdu_defaults_to_one_mib_and_refuses_no_limit() -> None:
+    cfg = parse_config(
+        base_config(
+            listeners=[{"ae_title": "PACS", "port": 104}],
+            targets=[{"ae_title": "AI", "host": "h", "port": 104}],
+        ),
+        environ={},
+    )
+    assert cfg.listeners[0].max_pdu == cfg.targets[0].max_pdu == 1 << 20
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            base_config(
+                listeners=[{"ae_title": "PACS", "port": 104, "max_pdu": 0}],
+                targets=[{"ae_title": "AI", "host": "h", "port": 104, "max_pdu": 1 << 30}],
+            ),
+            environ={},
+        )
+    assert any(e.startswith("listeners.0.max_pdu") for e in err.value.errors)
+    assert any(e.startswith("targets.0.max_pdu") for e in err.value.errors)
+
+
+def test_pdus_sent_are_at_most_one_mib_whatever_the_peer_announces() -> None:
+    from types import SimpleNamespace
+
+    from dimse_relay import dicom
+
+    def sent(peer_maximum: int) -> int:
+        peer = SimpleNamespace(maximum_length=peer_maximum)
+        dimse = SimpleNamespace(assoc=SimpleNamespace(is_requestor=True, acceptor=peer))
+        return dicom._capped_maximum_pdu(dimse)  # type: ignore[arg-type]
+
+    assert sent(0) == sent(1 << 30) == dicom.MAX_PDU_SENT == 1 << 20
+    assert sent(16384) == 16384
 
 
 def test_config_environment_overrides_secrets() -> None:

@@ -18,8 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "DIMSE_RELAY_"
 # Largest PDU an agent announces it receives (DIMSE side). 1 MiB keeps a large instance to a
-# few hundred PDUs instead of tens of thousands of 16 KiB ones; 0 means no limit.
+# few hundred PDUs instead of tens of thousands of 16 KiB ones. DICOM's 0 ("no limit") is not
+# allowed: pynetdicom reads each PDU whole into memory, and a peer told "no limit" sends a
+# whole instance as one PDU.
 DEFAULT_MAX_PDU = 1 << 20
+MAX_PDU = 64 << 20
 _ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})  # noqa: S104 - compared with, never bound
 
 
@@ -177,7 +180,7 @@ class ListenerConfig(_Strict):
     mode: Literal["sync", "queued"] = "sync"
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=32, ge=1)
-    max_pdu: int = Field(default=DEFAULT_MAX_PDU, ge=0)
+    max_pdu: int = Field(default=DEFAULT_MAX_PDU, ge=4096, le=MAX_PDU)
     timeouts: ListenerTimeouts = ListenerTimeouts()
     tls: DimseTLSConfig | None = None
 
@@ -399,7 +402,7 @@ class TargetConfig(_Strict):
     called_ae_title: str | None = None
     calling_ae_title: str | None = None
     max_sessions: int = Field(default=64, ge=1)
-    max_pdu: int = Field(default=DEFAULT_MAX_PDU, ge=0)
+    max_pdu: int = Field(default=DEFAULT_MAX_PDU, ge=4096, le=MAX_PDU)
     timeouts: TargetTimeouts = TargetTimeouts()
     filesystem: FilesystemSinkConfig | None = None
     dicomweb: DicomwebSinkConfig | None = None

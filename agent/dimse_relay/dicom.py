@@ -25,6 +25,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -54,17 +55,31 @@ def _bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
 
 
+# Largest PDU the agent sends, whatever the peer announces (0, "no limit", would make
+# pynetdicom send a whole instance as one PDU, built in memory). Smaller is always allowed.
+MAX_PDU_SENT = 1 << 20
+_peer_maximum_pdu = DIMSEServiceProvider.maximum_pdu_size
+
+
+def _capped_maximum_pdu(self: DIMSEServiceProvider) -> int:
+    peer = int(_peer_maximum_pdu.fget(self) or 0)  # type: ignore[attr-defined]
+    return MAX_PDU_SENT if peer == 0 or peer > MAX_PDU_SENT else peer
+
+
 class SpooledInstance(Dataset):
     """An instance in a Part 10 spool file, given to pynetdicom's C-GET/C-MOVE SCP (which
     wants a Dataset for each sub-operation): its C-STORE sends the file's dataset bytes as
     they are (see _send_spooled). Decoding and encoding again would change some instances
     (deflate, RLE, some JPEG files, UN sequences) or fail for others."""
 
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> None:
+    def __init__(
+        self, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+    ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid  # for pynetdicom's Failed SOP Instance UID List
         self.SOPInstanceUID = sop_instance_uid
         self.spool_path = path
+        self.uncompressed = not UID(transfer_syntax).is_compressed
 
 
 _original_send_c_store = Association.send_c_store
@@ -75,10 +90,14 @@ def _send_spooled(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
         try:
             return _original_send_c_store(self, dataset.spool_path, *args, **kwargs)
         except ValueError:
-            # No accepted context in the file's own transfer syntax: as pynetdicom does for a
-            # Dataset, send it converted to an accepted uncompressed syntax, if there is one.
-            LOG.warning("sub-operation instance sent in another transfer syntax")
-            dataset = dcmread(dataset.spool_path)
+            # No accepted context in the file's own transfer syntax. pynetdicom converts only
+            # between uncompressed syntaxes: for one of those, send it converted, as it does
+            # for a Dataset; a compressed instance fails this sub-operation.
+            if not dataset.uncompressed:
+                raise
+            converted = _original_send_c_store(self, dcmread(dataset.spool_path), *args, **kwargs)
+            LOG.warning("sub-operation instance sent in another uncompressed transfer syntax")
+            return converted
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
@@ -91,6 +110,7 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
         DULServiceProvider.send_pdu = _bounded_send_pdu  # type: ignore[method-assign]
         AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
         Association.send_c_store = _send_spooled  # type: ignore[method-assign]
+        DIMSEServiceProvider.maximum_pdu_size = property(_capped_maximum_pdu)  # type: ignore[method-assign,assignment]
     # pynetdicom's reactor threads wait for work instead of polling (reactor.py).
     reactor.install(poll_interval_s)
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the

@@ -4,11 +4,14 @@ Layout (all integers big-endian)::
 
     offset  size  field
     0       4     magic b"DRLY"
-    4       1     envelope version (1)
+    4       1     envelope version (1 or 2)
     5       1     kind (see Kind)
-    6       2     header length H
-    8       H     header: UTF-8 JSON object, validated against the model of the kind
-    8+H     ...   body: opaque bytes (DICOM-encoded command set, dataset bytes, or a chunk)
+    6       2|4   header length H (2 bytes in version 1, 4 in version 2)
+    8|10    H     header: UTF-8 JSON object, validated against the model of the kind
+    ...     ...   body: opaque bytes (DICOM-encoded command set, dataset bytes, or a chunk)
+
+A header that fits 2 bytes of length is sent as version 1, a longer one (an OPEN proposing
+very many contexts) as version 2.
 
 Nothing here executes or instantiates anything chosen by the sender: the header is plain JSON
 checked field by field, the body is bytes. See docs/wire-protocol.md.
@@ -24,9 +27,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"DRLY"
-# Version 2 has a 4-byte header length (an OPEN for an association proposing 128 contexts with
-# every transfer syntax needs more than version 1's 2 bytes). Version 1 is still decoded, so
-# messages queued at the edge by an earlier release are delivered after an upgrade.
+# Version 2 has a 4-byte header length: an OPEN for an association proposing 128 contexts with
+# every transfer syntax needs more than version 1's 2 bytes. Every other header is sent as
+# version 1, which agents built before version 2 still read.
 VERSION = 2
 _PREFIX = struct.Struct(">4sBBI")
 _PREFIX_V1 = struct.Struct(">4sBBH")
@@ -208,7 +211,11 @@ def encode(header: HeaderModel, body: bytes | memoryview = b"") -> bytes:
     raw = header.model_dump_json(exclude_none=True).encode("utf-8")
     if len(raw) > MAX_HEADER:
         raise ValueError("envelope header too large")
-    return b"".join((_PREFIX.pack(MAGIC, VERSION, int(kind), len(raw)), raw, body))
+    if len(raw) <= 0xFFFF:
+        prefix = _PREFIX_V1.pack(MAGIC, 1, int(kind), len(raw))
+    else:
+        prefix = _PREFIX.pack(MAGIC, VERSION, int(kind), len(raw))
+    return b"".join((prefix, raw, body))
 
 
 def decode(data: bytes) -> tuple[HeaderModel, memoryview]:
@@ -235,7 +242,7 @@ def decode(data: bytes) -> tuple[HeaderModel, memoryview]:
         raise EnvelopeError("truncated", "header runs past the end of the message")
     try:
         obj = json.loads(bytes(data[prefix.size : end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise EnvelopeError("bad_header", "header is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise EnvelopeError("bad_header", "header is not a JSON object")

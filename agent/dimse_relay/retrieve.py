@@ -136,7 +136,10 @@ class Retrieved:
 def spooled_instance(spool: SpooledDataset) -> SpooledInstance:
     command = spool.command
     return SpooledInstance(
-        spool.path, str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID)
+        spool.path,
+        str(command.AffectedSOPClassUID),
+        str(command.AffectedSOPInstanceUID),
+        spool.request.transfer_syntax,
     )
 
 

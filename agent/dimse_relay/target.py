@@ -28,8 +28,6 @@ from nats.aio.msg import Msg
 from pydicom.dataset import Dataset
 from pynetdicom import (
     AE,
-    ALL_TRANSFER_SYNTAXES,
-    StoragePresentationContexts,
     build_context,
     build_role,
     evt,
@@ -64,6 +62,7 @@ from dimse_relay.envelope import (
     RequestHeader,
     ResponseHeader,
 )
+from dimse_relay.move_contexts import moved_sop_classes, storage_contexts
 from dimse_relay.streaming import SpooledDataset, await_response, send_dataset
 from dimse_relay.transport import NatsTransport
 
@@ -408,12 +407,21 @@ class TargetSession:
         ae.dimse_timeout = self.cfg.timeouts.dimse_s
         ae.network_timeout = self.cfg.timeouts.network_s
         ae.connection_timeout = self.cfg.timeouts.connect_s
-        contexts = [build_context(get_model)]
-        roles: list[Any] = []
-        for cx in StoragePresentationContexts[: 128 - 1]:
-            assert cx.abstract_syntax is not None
-            contexts.append(build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES))
-            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+        sop_classes = moved_sop_classes(
+            ae,
+            self.cfg.scp_address,
+            self.cfg.scp_ae_title,
+            hdr.abstract_syntax,
+            identifier,
+            max_pdu=self.cfg.max_pdu,
+            evt_handlers=SOCKET_HANDLERS,
+        )
+        storage = storage_contexts(sop_classes)
+        contexts = [build_context(get_model), *storage]
+        roles: list[Any] = [
+            build_role(sop, scp_role=True)
+            for sop in dict.fromkeys(str(cx.abstract_syntax) for cx in storage)
+        ]
         retrieve_assoc = ae.associate(
             *self.cfg.scp_address,
             contexts=contexts,
