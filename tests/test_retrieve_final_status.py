@@ -117,6 +117,58 @@ def test_final_status_after_partial_retrieve(tmp_path: Path, final: int, failed_
             assert last.NumberOfFailedSuboperations >= max(1, failed_far)
 
 
+def test_failed_instance_list_names_far_and_near_failures(tmp_path: Path) -> None:
+    """The SCP ends the retrieve with a warning and its own Failed SOP Instance UID List; the
+    SCU refuses one of the two instances relayed: the final list names both."""
+    paths = [_instance(tmp_path, i) for i in range(2)]
+    refused = str(pydicom.dcmread(paths[0]).SOPInstanceUID)
+
+    def handler(event: evt.Event) -> object:
+        result = Retrieved(spool_dir=tmp_path)
+        result.instances = [_Spooled(p) for p in paths]  # type: ignore[misc]
+        status = Dataset()
+        status.Status = 0xB000
+        status.NumberOfFailedSuboperations = 1
+        result.final = status
+        identifier = Dataset()
+        identifier.FailedSOPInstanceUIDList = "1.2.3.999"
+        result.final_identifier = identifier
+        yield from result.suboperations()
+
+    def on_store(event: evt.Event) -> int:
+        return 0xA700 if str(event.request.AffectedSOPInstanceUID) == refused else 0x0000
+
+    scp = AE()
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    scp.add_supported_context(CTImageStorage, scp_role=True, scu_role=True)
+    port = free_port()
+    server = scp.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_GET, handler)]
+    )
+    try:
+        scu = AE()
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate(
+            LOOPBACK,
+            port,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+        assoc.release()
+    finally:
+        server.shutdown()
+    status, identifier = responses[-1]
+    assert status.Status == 0xB000
+    assert status.NumberOfFailedSuboperations == 2  # the far one and the refused one
+    assert status.NumberOfCompletedSuboperations == 1
+    assert sorted(identifier.FailedSOPInstanceUIDList) == sorted(["1.2.3.999", refused])
+
+
 # Files whose dataset pydicom would not write back byte for byte after reading it (RLE,
 # JPEG 2000, a UN sequence, big endian), or cannot write at all (this JPEG Baseline one).
 # (image_dfl.dcm would be another, but its deflated dataset has an odd length, which DIMSE

@@ -80,25 +80,28 @@ class SpooledInstance(Dataset):
         self.SOPInstanceUID = sop_instance_uid
         self.spool_path = path
         self.uncompressed = not UID(transfer_syntax).is_compressed
+        self.store_status: int | None = None  # the destination's status, once sent
 
 
 _original_send_c_store = Association.send_c_store
 
 
 def _send_spooled(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-    if isinstance(dataset, SpooledInstance):
-        try:
-            return _original_send_c_store(self, dataset.spool_path, *args, **kwargs)
-        except ValueError:
-            # No accepted context in the file's own transfer syntax. pynetdicom converts only
-            # between uncompressed syntaxes: for one of those, send it converted, as it does
-            # for a Dataset; a compressed instance fails this sub-operation.
-            if not dataset.uncompressed:
-                raise
-            converted = _original_send_c_store(self, dcmread(dataset.spool_path), *args, **kwargs)
-            LOG.warning("sub-operation instance sent in another uncompressed transfer syntax")
-            return converted
-    return _original_send_c_store(self, dataset, *args, **kwargs)
+    if not isinstance(dataset, SpooledInstance):
+        return _original_send_c_store(self, dataset, *args, **kwargs)
+    try:
+        result = _original_send_c_store(self, dataset.spool_path, *args, **kwargs)
+    except ValueError:
+        # No accepted context in the file's own transfer syntax. pynetdicom converts only
+        # between uncompressed syntaxes: for one of those, send it converted, as it does for
+        # a Dataset; a compressed instance fails this sub-operation.
+        if not dataset.uncompressed:
+            raise
+        result = _original_send_c_store(self, dcmread(dataset.spool_path), *args, **kwargs)
+        LOG.warning("sub-operation instance sent in another uncompressed transfer syntax")
+    if "Status" in result:
+        dataset.store_status = int(result.Status)
+    return result
 
 
 def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002) -> None:

@@ -119,18 +119,40 @@ class Retrieved:
                     yield self.final, self.final_identifier
                 return
             yield total
+            near_failed: list[str] = []
             for spool in self.instances:
-                yield 0xFF00, dcmread(spool.path) if decode else spooled_instance(spool)
+                if decode:
+                    yield 0xFF00, dcmread(spool.path)
+                else:
+                    instance = spooled_instance(spool)
+                    yield 0xFF00, instance
+                    status = instance.store_status
+                    if status is None or metrics.status_class(status) == "failure":
+                        near_failed.append(str(instance.SOPInstanceUID))
                 spool.discard()
             if code != 0x0000 or far_failed:
                 # The SCP's own warning/failure/cancel and its Failed SOP Instance UID List;
                 # pynetdicom counts the far-side failures (still "remaining") as failed.
-                yield self.final, self.final_identifier
+                yield self.final, with_failed_instances(self.final_identifier, near_failed)
             else:
                 yield 0x0000, None
         finally:
             for spool in self.instances:
                 spool.discard()
+
+
+def with_failed_instances(identifier: Dataset | None, near_failed: list[str]) -> Dataset | None:
+    """The SCP's final identifier with the near side's failed instances added to its Failed
+    SOP Instance UID List. pynetdicom uses a list given in the identifier as it is; without
+    one it sends its own, which already names the near-side failures."""
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier or not near_failed:
+        return identifier
+    listed = identifier.FailedSOPInstanceUIDList
+    uids = [listed] if isinstance(listed, str) else [str(uid) for uid in listed]
+    merged = Dataset()
+    merged.update(identifier)
+    merged.FailedSOPInstanceUIDList = list(dict.fromkeys(u for u in uids + near_failed if u))
+    return merged
 
 
 def spooled_instance(spool: SpooledDataset) -> SpooledInstance:
