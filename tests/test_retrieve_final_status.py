@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pydicom
 import pydicom.data
@@ -64,6 +65,36 @@ def _instance(directory: Path, i: int) -> Path:
     return path
 
 
+def c_get(handler: Any, on_store: Any) -> list[tuple[Dataset, Dataset | None]]:
+    """A pynetdicom C-GET SCP running ``handler`` (as the listener's _on_get does), and a
+    pynetdicom SCU storing the sub-operations with ``on_store``: the SCU's responses."""
+    scp = AE()
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    scp.add_supported_context(CTImageStorage, scp_role=True, scu_role=True)
+    port = free_port()
+    server = scp.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_GET, handler)]
+    )
+    try:
+        scu = AE()
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate(
+            LOOPBACK,
+            port,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+        assoc.release()
+    finally:
+        server.shutdown()
+    return responses
+
+
 @pytest.mark.parametrize(
     ("final", "failed_far"),
     [(statuses.RETRIEVE_OUT_OF_RESOURCES, 0), (0xFE00, 0), (0xB000, 2), (0x0000, 0)],
@@ -79,34 +110,13 @@ def test_final_status_after_partial_retrieve(tmp_path: Path, final: int, failed_
         result.final = status
         yield from result.suboperations()
 
-    scp = AE()
-    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    scp.add_supported_context(CTImageStorage, scp_role=True, scu_role=True)
-    port = free_port()
-    server = scp.start_server(
-        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_GET, handler)]
-    )
     stored: list[str] = []
-    try:
-        scu = AE()
-        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        scu.add_requested_context(CTImageStorage)
-        assoc = scu.associate(
-            LOOPBACK,
-            port,
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[
-                (evt.EVT_C_STORE, lambda e: stored.append("x") or 0x0000),  # type: ignore[func-returns-value]
-            ],
-        )
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = "1.2.3"
-        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-        assoc.release()
-    finally:
-        server.shutdown()
-    last = responses[-1][0]
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    last = c_get(handler, on_store)[-1][0]
     assert len(stored) == 2
     assert last.NumberOfCompletedSuboperations == 2
     if final == 0x0000:
@@ -138,31 +148,7 @@ def test_failed_instance_list_names_far_and_near_failures(tmp_path: Path) -> Non
     def on_store(event: evt.Event) -> int:
         return 0xA700 if str(event.request.AffectedSOPInstanceUID) == refused else 0x0000
 
-    scp = AE()
-    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    scp.add_supported_context(CTImageStorage, scp_role=True, scu_role=True)
-    port = free_port()
-    server = scp.start_server(
-        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_GET, handler)]
-    )
-    try:
-        scu = AE()
-        scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        scu.add_requested_context(CTImageStorage)
-        assoc = scu.associate(
-            LOOPBACK,
-            port,
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = "1.2.3"
-        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-        assoc.release()
-    finally:
-        server.shutdown()
-    status, identifier = responses[-1]
+    status, identifier = c_get(handler, on_store)[-1]
     assert status.Status == 0xB000
     assert status.NumberOfFailedSuboperations == 2  # the far one and the refused one
     assert status.NumberOfCompletedSuboperations == 1
