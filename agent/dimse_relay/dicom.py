@@ -9,23 +9,27 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
     QueryRetrievePresentationContexts,
     _config,
     evt,
 )
+from pynetdicom import association as pynetdicom_association
+from pynetdicom import dimse_messages as pynetdicom_messages
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -34,7 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_ae
 
-from dimse_relay import reactor
+from dimse_relay import command_set, reactor
 from dimse_relay.config import DimseTLSConfig
 from dimse_relay.envelope import ContextProposal, ContextResult
 
@@ -64,6 +68,119 @@ _peer_maximum_pdu = DIMSEServiceProvider.maximum_pdu_size
 def _capped_maximum_pdu(self: DIMSEServiceProvider) -> int:
     peer = int(_peer_maximum_pdu.fget(self) or 0)  # type: ignore[attr-defined]
     return MAX_PDU_SENT if peer == 0 or peer > MAX_PDU_SENT else peer
+
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _message_name(primitive: Any) -> str:
+    table = _RQ_TO_MESSAGE if primitive.MessageIDBeingRespondedTo is None else _RSP_TO_MESSAGE
+    message = table.get(type(primitive))
+    return message.__name__.replace("_", "-") if message is not None else ""
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """pynetdicom's ``send_msg`` with the command set of a C-ECHO or C-STORE encoded by
+    command_set.py; the P-DATA primitives are those pynetdicom's ``encode_msg`` yields.
+    Falls back to pynetdicom when a handler wants the DIMSE message object
+    (EVT_DIMSE_SENT) or a value needs pydicom."""
+    name = _message_name(primitive)
+    if name not in command_set.FAST_MESSAGES or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        _original_send_msg(self, primitive, context_id)
+        return
+    data_set = getattr(primitive, "DataSet", None) if name == "C-STORE-RQ" else None
+    data_path = getattr(primitive, "_dataset_path", None)
+    command = command_set.encode_primitive(
+        primitive, name, has_data_set=data_set is not None or bool(data_path)
+    )
+    if command is None:
+        _original_send_msg(self, primitive, context_id)
+        return
+    fragment = max(int(self.maximum_pdu_size) - 6, 1)
+    for pdata in _pdata(context_id, command, 1, fragment):
+        self.dul.send_pdu(pdata)
+    if data_set is not None:
+        raw = data_set.getvalue()
+        if raw:
+            for pdata in _pdata(context_id, raw, 0, fragment):
+                self.dul.send_pdu(pdata)
+    elif data_path:
+        path, offset = data_path
+        with open(path, "rb") as fh:
+            remaining = fh.seek(0, 2) - fh.seek(offset)
+            while True:
+                chunk = fh.read(min(fragment, remaining))
+                remaining -= len(chunk)
+                last = remaining <= 0 or not chunk
+                self.dul.send_pdu(_one_pdata(context_id, (b"\x02" if last else b"\x00") + chunk))
+                if last:
+                    break
+
+
+def _one_pdata(context_id: int, value: bytes) -> P_DATA:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, value))
+    return pdata
+
+
+def _pdata(context_id: int, raw: bytes, command_bit: int, fragment: int) -> Iterator[P_DATA]:
+    """PDVs of one message part: the control header's bit 0 says command or data set,
+    bit 1 the last fragment (PS3.8 E.2)."""
+    for start in range(0, len(raw), fragment):
+        last = start + fragment >= len(raw)
+        header = command_bit | (2 if last else 0)
+        yield _one_pdata(context_id, bytes((header,)) + raw[start : start + fragment])
+
+
+class _SpoolFileMeta(NamedTuple):
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+_original_create_file_meta = pynetdicom_messages.create_file_meta  # type: ignore[attr-defined]
+_original_write_file_meta_info = pynetdicom_messages.write_file_meta_info  # type: ignore[attr-defined]
+
+
+def _spool_file_meta(**kwargs: Any) -> Any:
+    """``create_file_meta`` as pynetdicom's receiving side calls it for a C-STORE spool file:
+    the values only, written by _write_spool_file_meta (pydicom for anything unusual)."""
+    values = [kwargs.get(k) for k in ("sop_class_uid", "sop_instance_uid", "transfer_syntax")]
+    if len(kwargs) != 3 or not all(isinstance(v, str) and v.isascii() for v in values):
+        return _original_create_file_meta(**kwargs)
+    return _SpoolFileMeta(*[str(v) for v in values])
+
+
+def _write_spool_file_meta(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    if not isinstance(file_meta, _SpoolFileMeta):
+        _original_write_file_meta_info(fp, file_meta, *args, **kwargs)
+        return
+    # pynetdicom has written the preamble and "DICM" already.
+    fp.write(
+        command_set.file_meta_bytes(
+            *file_meta, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+        )[132:]
+    )
+
+
+_original_split_dataset = pynetdicom_association.split_dataset  # type: ignore[attr-defined]
+
+
+def split_part10(path: Path) -> tuple[Dataset, int]:
+    """pynetdicom's ``split_dataset`` (the File Meta and the dataset offset of a file it is
+    to send), read directly for the relay's own spool files; pydicom for any other file."""
+    with open(path, "rb") as fh:
+        found = command_set.read_file_meta(fh)
+    if found is not None:
+        values, offset = found
+        texts = [command_set.meta_text(values, e) or "" for e in (0x0002, 0x0003, 0x0010)]
+        if all(texts):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = UID(texts[0])
+            meta.MediaStorageSOPInstanceUID = UID(texts[1])
+            meta.TransferSyntaxUID = UID(texts[2])
+            return meta, offset
+    return _original_split_dataset(path)
 
 
 class SpooledInstance(Dataset):
@@ -114,6 +231,11 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
         AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
         Association.send_c_store = _send_spooled  # type: ignore[method-assign]
         DIMSEServiceProvider.maximum_pdu_size = property(_capped_maximum_pdu)  # type: ignore[method-assign,assignment]
+        # C-ECHO and C-STORE command sets and spool File Meta without pydicom datasets.
+        DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+        pynetdicom_messages.create_file_meta = _spool_file_meta  # type: ignore[attr-defined]
+        pynetdicom_messages.write_file_meta_info = _write_spool_file_meta  # type: ignore[attr-defined]
+        pynetdicom_association.split_dataset = split_part10  # type: ignore[attr-defined]
     # pynetdicom's reactor threads wait for work instead of polling (reactor.py).
     reactor.install(poll_interval_s)
     # Stream C-STORE datasets through temp files in both directions: bounded memory and the
@@ -281,14 +403,25 @@ def encode_command(ds: Dataset) -> bytes:
     return raw
 
 
-def request_command(primitive: Any, message: Any, data_attr: str) -> tuple[bytes, Any]:
+def request_command(primitive: Any, message: Any, data_attr: str | None) -> tuple[bytes, Any]:
     """The encoded command set of a DIMSE request primitive, without its data set.
 
     ``message`` is the matching pynetdicom message (C_STORE_RQ(), C_FIND_RQ() ...), and
-    ``data_attr`` the primitive's data attribute ("DataSet" or "Identifier"), which is left
-    out of the conversion and returned as it is (a BytesIO, or None when spooled to a file).
+    ``data_attr`` the primitive's data attribute ("DataSet" or "Identifier"; None for
+    C-ECHO), which is left out of the conversion and returned as it is (a BytesIO, or None
+    when spooled to a file).
     """
-    data = getattr(primitive, data_attr)
+    data = getattr(primitive, data_attr) if data_attr else None
+    name = type(message).__name__.replace("_", "-")
+    if name in command_set.FAST_MESSAGES:
+        fast = command_set.encode_primitive(
+            primitive, name, has_data_set=bool(getattr(primitive, "_dataset_path", None))
+        )
+        if fast is not None:
+            return fast, data
+    if data_attr is None:
+        message.primitive_to_message(primitive)
+        return encode_command(message.command_set), None
     setattr(primitive, data_attr, None)
     try:
         message.primitive_to_message(primitive)
@@ -320,21 +453,28 @@ def write_part10_header(
     fh: BinaryIO, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
 ) -> None:
     """Preamble, DICM and File Meta Information; the dataset bytes are appended unchanged."""
-    meta = Dataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1484.1"
-    meta.ImplementationVersionName = "DIMSE_RELAY_01"
-    fh.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(fh, meta, enforce_standard=True)  # type: ignore[arg-type]
+    fh.write(
+        command_set.file_meta_bytes(
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax,
+            IMPLEMENTATION_UID,
+            IMPLEMENTATION_VERSION,
+        )
+    )
+
+
+IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1484.1"
+IMPLEMENTATION_VERSION = "DIMSE_RELAY_01"
 
 
 def dataset_offset(path: Path) -> int:
     """Offset of the dataset in a Part 10 file written by pynetdicom or write_part10_header."""
-    from pynetdicom.dsutils import split_dataset
-
-    _meta, offset = split_dataset(path)
+    with open(path, "rb") as fh:
+        found = command_set.read_file_meta(fh)
+    if found is not None:
+        return found[1]
+    _meta, offset = _original_split_dataset(path)
     return int(offset)
 
 

@@ -40,7 +40,6 @@ from dimse_relay.dicom import (
     decode_command,
     decode_dataset,
     dimse_tls_context,
-    encode_command,
     fallback_contexts,
     proposals_from_primitive,
     request_command,
@@ -467,9 +466,7 @@ class ListenerServer:
             return status
 
         def run(relayed: RelayedAssociation, subject: str) -> Dataset:
-            msg = C_ECHO_RQ()
-            msg.primitive_to_message(event.request)
-            command = encode_command(msg.command_set)
+            command, _ = request_command(event.request, C_ECHO_RQ(), None)
             hdr = RequestHeader(
                 op_id=relayed.next_op(),
                 service="C-ECHO",
