@@ -57,6 +57,7 @@ from workload import (  # noqa: E402
     check_small_stored,
     dataset_digest,
     echo_series,
+    event_driven_echo_series,
     find_studies,
     median,
     move_study,
@@ -562,11 +563,15 @@ class Bench:
     def bench_echo(self, port: int) -> None:
         count = self.params["echo_count"]
         assert self.scp is not None
-        log(f"echo: {count} C-ECHOs on one association each way (pynetdicom SCU)")
-        direct = echo_series(self.scp.port, SCP_AET, count)
+        log(f"echo: {count} C-ECHOs on one association each way, two SCUs")
+        # The target row: an SCU that waits for events as DCMTK's echoscu does. The plain
+        # pynetdicom SCU (1 ms polling loops) is measured too, for comparison.
         before = self.listener_seconds("C-ECHO")
-        relay = echo_series(port, SCP_AET, count)
+        direct = event_driven_echo_series(self.scp.port, SCP_AET, count)
+        relay = event_driven_echo_series(port, SCP_AET, count)
         after = self.listener_seconds("C-ECHO")
+        plain_direct = echo_series(self.scp.port, SCP_AET, count)
+        plain_relay = echo_series(port, SCP_AET, count)
         assert self.pki is not None and self.nats is not None
         tester = self.pki.client("tester")
         rtt = nats_rtt(self.nats.url, self.pki.ca, tester.cert, tester.key, count)
@@ -575,8 +580,17 @@ class Bench:
             "listener_handler_mean_ms": handler,
             "nats_tls_request_reply_median_ms": median(rtt) * 1e3,
             "nats_tls_request_reply_p99_ms": percentile(rtt, 99) * 1e3,
+            "plain_pynetdicom_scu_median_ms": {
+                "direct": median(plain_direct) * 1e3,
+                "relay": median(plain_relay) * 1e3,
+            },
         }
-        for mode, times in (("direct", direct), ("relay", relay)):
+        for mode, times in (
+            ("direct", direct),
+            ("relay", relay),
+            ("direct, plain pynetdicom SCU", plain_direct),
+            ("relay, plain pynetdicom SCU", plain_relay),
+        ):
             log(
                 f"  {mode}: median {median(times) * 1e3:.2f} ms, "
                 f"p99 {percentile(times, 99) * 1e3:.2f} ms, max {max(times) * 1e3:.2f} ms"
@@ -589,7 +603,7 @@ class Bench:
         p99_d, p99_r = percentile(direct, 99) * 1e3, percentile(relay, 99) * 1e3
         self.rows.append(
             Row(
-                f"C-ECHO RTT median ({count})",
+                f"C-ECHO RTT median ({count}), event-driven SCU",
                 "ms",
                 med_d,
                 med_r,
@@ -600,6 +614,10 @@ class Bench:
         )
         self.rows.append(
             Row(f"C-ECHO RTT p99 ({count})", "ms", p99_d, p99_r, p99_r / p99_d, "-", None)
+        )
+        pd, pr = median(plain_direct) * 1e3, median(plain_relay) * 1e3
+        self.rows.append(
+            Row("  same, plain pynetdicom SCU (polls)", "ms", pd, pr, pr / pd, "-", None)
         )
 
     def bench_rss(self) -> None:
@@ -913,13 +931,19 @@ class Bench:
         with self.stack:
             self.start_infra()
             port = self.start_relay("main")
-            self.bench_echo(port)
-            self.bench_small(port)
-            self.bench_large(port)
-            self.stop_relay()
-            self.bench_queued()
-            self.bench_qr()
-            self.bench_rss()
+            # Each section starts with the page cache written back: the previous one's
+            # (or an earlier test run's) deleted GiBs must not slow its file system calls.
+            for section in (
+                lambda: self.bench_echo(port),
+                lambda: self.bench_small(port),
+                lambda: self.bench_large(port),
+                self.stop_relay,
+                self.bench_queued,
+                self.bench_qr,
+                self.bench_rss,
+            ):
+                os.sync()
+                section()
 
     def log_tails(self) -> str:
         parts = [f"--- {a.name} ---\n{a.log_tail(20)}" for a in self.agents]

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import math
 import os
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -426,3 +428,29 @@ def c_get_seconds(port: int, called: str, study_uid: str, count: int) -> float:
     if final != 0x0000 or len(got) != count:
         raise BenchFailure(f"C-GET from {called}: final {final!r}, {len(got)} of {count}")
     return elapsed
+
+
+def event_driven_echo_series(port: int, called: str, count: int) -> list[float]:
+    """echo_series from a fresh Python process whose pynetdicom waits for events (the
+    relay's reactor, dimse_relay.dicom.configure_pynetdicom) instead of polling: an SCU
+    that, like DCMTK's echoscu, adds no polling delay of its own and burns no CPU while it
+    waits. Plain pynetdicom's 1 ms polling loops add about 2 ms to every round trip, direct
+    or relayed, and on a small host take CPU from whatever it is measuring."""
+    out = subprocess.run(
+        [sys.executable, __file__, "echo-series", str(port), called, str(count)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise BenchFailure(f"event-driven C-ECHO series to {called}: {out.stderr[-2000:]}")
+    return [float(t) for t in json.loads(out.stdout)]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["echo-series"]:
+    from dimse_relay.dicom import configure_pynetdicom
+
+    configure_pynetdicom(log_identifiers=False)
+    _port, _called, _count = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    print(json.dumps(echo_series(_port, _called, _count)))

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pydicom.data
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
+from pynetdicom import dimse_messages as pynetdicom_messages
+from pynetdicom.dimse_messages import (
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    DIMSEMessage,
+)
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.dsutils import create_file_meta, encode, split_dataset
+from pynetdicom.dsutils import create_file_meta, decode, encode, split_dataset
 
 from dimse_relay import command_set, dicom
 
@@ -257,3 +269,198 @@ def test_read_file_meta_refuses_other_layouts() -> None:
     assert command_set.read_file_meta(io.BytesIO(no_group_length)) is None
     truncated = command_set.file_meta_bytes("1.2", "1.2.3", "1.2.840.10008.1.2", "1.2", "X")[:-5]
     assert command_set.read_file_meta(io.BytesIO(truncated)) is None
+
+
+# --- receiving: the primitive pynetdicom's decode_msg/message_to_primitive give -------------
+
+
+def _wire(message: Any, primitive: Any, max_pdu: int = 16382) -> list[Any]:
+    """The P-DATA primitives pynetdicom's own encoder makes of ``primitive``."""
+    message.primitive_to_message(primitive)
+    message.context_id = 1
+    return list(message.encode_msg(1, max_pdu))
+
+
+_ASSOC = SimpleNamespace(_accepted_cx={1: SimpleNamespace(transfer_syntax=["1.2.840.10008.1.2"])})
+
+
+@contextlib.contextmanager
+def _agent_receive_path() -> Iterator[None]:
+    """What configure_pynetdicom sets for receiving in an agent, for this block only (the
+    test process's own pynetdicom peers must stay unpatched)."""
+    with contextlib.ExitStack() as stack:
+        for target, name, value in (
+            (pynetdicom_messages, "decode", dicom._decode_received),
+            (DIMSEMessage, "message_to_primitive", dicom._message_to_primitive),
+            (pynetdicom_messages, "create_file_meta", dicom._spool_file_meta),
+            (pynetdicom_messages, "write_file_meta_info", dicom._write_spool_file_meta),
+            (_config, "STORE_RECV_CHUNKED_DATASET", True),
+        ):
+            stack.enter_context(mock.patch.object(target, name, value))
+        yield
+
+
+def _receive(pdatas: list[Any], fast: bool) -> tuple[Any, Any]:
+    """(primitive, command set object) as the DIMSE provider receives ``pdatas``."""
+    message = DIMSEMessage()
+    dicom._receiving.fast = fast
+    try:
+        with _agent_receive_path():
+            done = [message.decode_msg(pdata, _ASSOC) for pdata in pdatas]
+            primitive = message.message_to_primitive()
+    finally:
+        dicom._receiving.fast = False
+    assert done[-1] and not any(done[:-1])
+    return primitive, message.command_set
+
+
+def _values(primitive: Any) -> dict[str, Any]:
+    out = {"type": type(primitive).__name__}
+    for key, value in vars(primitive).items():
+        if key in ("_dataset_file", "_dataset_path"):
+            out[key] = value is not None
+        elif isinstance(value, io.BytesIO):
+            out[key] = value.getvalue()
+        else:
+            out[key] = value
+    return out
+
+
+def _assert_received_alike(pdatas: list[Any], expect_fast: bool) -> None:
+    slow, slow_cs = _receive(pdatas, fast=False)
+    fast, fast_cs = _receive(pdatas, fast=True)
+    try:
+        assert isinstance(slow_cs, Dataset)
+        assert isinstance(fast_cs, command_set.ReceivedCommand) == expect_fast
+        assert _values(fast) == _values(slow)
+        if slow._dataset_path is not None:
+            assert Path(fast._dataset_path).read_bytes() == Path(slow._dataset_path).read_bytes()
+    finally:
+        for p in (slow, fast):
+            if getattr(p, "_dataset_file", None) is not None:
+                p._dataset_file.close()
+                Path(p._dataset_path).unlink()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sop_class=UIDS,
+    sop_instance=UIDS,
+    msg_id=US,
+    priority=st.integers(0, 2),
+    originator=st.none() | AETS,
+    originator_id=US,
+    max_pdu=st.sampled_from([16, 100, 16382]),
+)
+def test_received_c_store_rq_as_pynetdicom_decodes_it(
+    sop_class: str,
+    sop_instance: str,
+    msg_id: int,
+    priority: int,
+    originator: str | None,
+    originator_id: int,
+    max_pdu: int,
+) -> None:
+    p = C_STORE()
+    p.MessageID = msg_id
+    p.AffectedSOPClassUID = sop_class
+    p.AffectedSOPInstanceUID = sop_instance
+    p.Priority = priority
+    if originator is not None:
+        p.MoveOriginatorApplicationEntityTitle = originator
+        p.MoveOriginatorMessageID = originator_id
+    p.DataSet = io.BytesIO(b"\x08\x00\x16\x00\x04\x00\x00\x001.2\x00")
+    _assert_received_alike(_wire(C_STORE_RQ(), p, max_pdu), expect_fast=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sop_class=st.none() | UIDS,
+    sop_instance=st.none() | UIDS,
+    msg_id=US,
+    status=US,
+    comment=st.none() | COMMENTS,
+)
+def test_received_c_store_and_echo_rsp_as_pynetdicom_decodes_them(
+    sop_class: str | None, sop_instance: str | None, msg_id: int, status: int, comment: str | None
+) -> None:
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = msg_id
+    p.AffectedSOPClassUID = sop_class
+    p.AffectedSOPInstanceUID = sop_instance
+    p.Status = status
+    p.ErrorComment = comment
+    # An Error Comment is pydicom's to decode.
+    _assert_received_alike(_wire(C_STORE_RSP(), p), expect_fast=comment is None)
+    e = C_ECHO()
+    e.MessageIDBeingRespondedTo = msg_id
+    e.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    e.Status = status
+    _assert_received_alike(_wire(C_ECHO_RSP(), e), expect_fast=True)
+    e = C_ECHO()
+    e.MessageID = msg_id
+    e.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    _assert_received_alike(_wire(C_ECHO_RQ(), e), expect_fast=True)
+
+
+def _command(*elements: tuple[int, bytes]) -> bytes:
+    return b"".join(
+        struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value for tag, value in elements
+    )
+
+
+_US_RAW = [b"\x01\x00", b"\x30\x00", b"\x01\x01", b"\xff\xff", b"\x00\x00"]
+_TEXT_RAW = [b"1.2.3\x00", b"1.2.840.10008.1.1\x00", b" 1.2 ", b"ST SCU  ", b"A", b"  B\t"]
+_ODD_RAW = [b"", b"\x01\x00\x02\x00", b"1.2\\3.4", b"\xe9\xe9", b"A\\B ", b"\x00\x00\x00"]
+_VR_RAW = {"US": _US_RAW, "UI": _TEXT_RAW, "AE": _TEXT_RAW}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_decode_command_set_agrees_with_pydicom_where_it_decodes(data: st.DataObject) -> None:
+    """On command sets near what the fast path takes: either None (pydicom's turn) or exactly
+    the values pydicom reads."""
+    field = data.draw(st.sampled_from([0x0001, 0x8001, 0x0030, 0x8030, 0x0020]))
+    known = command_set._RECEIVED_FIELDS.get(field, {})
+    elements = {0x00000100: struct.pack("<H", field)}
+    if data.draw(st.integers(0, 9)):
+        elements[0x00000800] = data.draw(st.sampled_from([b"\x01\x01", b"\x01\x00"]))
+    for tag in data.draw(st.lists(st.sampled_from(sorted(known) or [0x00000110]), max_size=6)):
+        vr = known.get(tag, ("", "US"))[1]
+        odd = data.draw(st.integers(0, 7)) == 0
+        elements[tag] = data.draw(st.sampled_from(_ODD_RAW if odd else _VR_RAW[vr]))
+    if data.draw(st.integers(0, 7)) == 0:  # an element the message does not define
+        elements[data.draw(st.sampled_from([0x00000902, 0x00000901, 0x00080016]))] = b"x "
+    raw = _command(*sorted(elements.items()))
+    if data.draw(st.integers(0, 9)) == 0:
+        raw = raw[: -data.draw(st.integers(1, 6))]
+    ours = command_set.decode_command_set(raw)
+    if ours is None:
+        return
+    ds = decode(io.BytesIO(raw), True, True)
+    assert ours.CommandField == ds.CommandField
+    assert ours.CommandDataSetType == ds.CommandDataSetType
+    theirs = {
+        e.keyword: e.value
+        for e in ds
+        if e.keyword not in ("CommandGroupLength", "CommandField", "CommandDataSetType")
+    }
+    assert ours.values == theirs
+    assert list(ours.values) == list(theirs)  # tag order, as message_to_primitive sets them
+
+
+def test_received_command_sets_pydicom_must_decode() -> None:
+    base = [(0x00000100, b"\x01\x80"), (0x00000800, b"\x01\x01"), (0x00000120, b"\x01\x00")]
+    assert command_set.decode_command_set(_command(*base, (0x00000900, b"\x00\x00"))) is not None
+    for extra in (
+        (0x00000902, b"disk full"),  # Error Comment
+        (0x00000900, b"\x00\x00\x00\x00"),  # Status with VM 2
+        (0x00001000, b"1.2.\xe9"),  # not ASCII
+        (0x00001000, b"1.2\\1.3"),  # VM 2
+        (0x00001000, b""),  # empty
+        (0x00080016, b"1.2"),  # not a command element
+    ):
+        assert command_set.decode_command_set(_command(*base, extra)) is None, extra
+    assert command_set.decode_command_set(_command(*base)[:-1]) is None
+    assert command_set.decode_command_set(_command((0x00000100, b"\x20\x00"))) is None  # C-FIND

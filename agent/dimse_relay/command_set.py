@@ -8,9 +8,10 @@ of an agent's CPU time, and the relay is a chain: every millisecond of it is a m
 modality waits for its status.
 
 The few messages on that path are encoded here directly from pynetdicom's primitives, to the
-same bytes pynetdicom would produce (the tests compare both); anything unusual (a value that
-is not plain ASCII, an integer out of range, an unknown field) returns ``None`` and the caller
-uses pynetdicom's own encoder. Decoding stays pynetdicom's: it is cheap.
+same bytes pynetdicom would produce, and decoded to the same values pynetdicom's pydicom-based
+decoder gives the primitive (the tests compare both ways); anything unusual (a value that is
+not plain ASCII, an integer out of range, an element the message does not define, an error
+comment) returns ``None`` and the caller uses pynetdicom's own code.
 """
 
 from __future__ import annotations
@@ -100,6 +101,83 @@ def encode_primitive(primitive: Any, message: str, has_data_set: bool) -> bytes 
     elements.sort()
     body = b"".join(_element(tag, raw) for tag, raw in elements)
     return _element(_TAG_GROUP_LENGTH, struct.pack("<I", len(body))) + body
+
+
+# --- decoding received command sets ---------------------------------------------------------
+
+# Command Field -> {tag: (keyword, VR)} of the elements a received message may carry on the
+# fast path: those pynetdicom defines for it with a UI, US or AE value (an ErrorComment or
+# OffendingElement, as in failure responses, goes to pydicom).
+_RECEIVED_FIELDS = {
+    _COMMAND_FIELD[message]: {
+        tag: (keyword, vr) for keyword, tag, vr in fields if vr in ("UI", "US", "AE")
+    }
+    for message, fields in _MESSAGE_FIELDS.items()
+}
+
+
+class ReceivedCommand:
+    """A received C-ECHO or C-STORE command set, standing in for the pydicom ``Dataset``
+    pynetdicom's ``decode_msg`` makes of it: the attributes it reads and, in ``values``, what
+    its ``message_to_primitive`` puts on the primitive (keyword -> value, in tag order)."""
+
+    def __init__(self, command_field: int, data_set_type: int, values: dict[str, Any]):
+        self.CommandField = command_field
+        self.CommandDataSetType = data_set_type
+        self.values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _received_value(vr: str, raw: bytes) -> Any:
+    """The value pydicom decodes (VM 1, ASCII only), or None to leave it to pydicom."""
+    if vr == "US":
+        return struct.unpack("<H", raw)[0] if len(raw) == 2 else None
+    if not raw.isascii() or b"\\" in raw:
+        return None
+    text = raw.decode("ascii")
+    text = (text.rstrip("\0 ") if vr == "UI" else text).strip()
+    return text or None
+
+
+def decode_command_set(raw: bytes) -> ReceivedCommand | None:
+    """A received Implicit VR Little Endian command set of a C-ECHO or C-STORE message, or
+    None where pynetdicom's decoder is to handle it."""
+    elements: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, element, length = struct.unpack_from("<HHI", raw, pos)
+        pos += 8
+        tag = group << 16 | element
+        if pos + length > end or tag in elements:
+            return None
+        elements[tag] = raw[pos : pos + length]
+        pos += length
+    group_length = elements.pop(_TAG_GROUP_LENGTH, b"\0\0\0\0")
+    command_field = elements.pop(_TAG_COMMAND_FIELD, b"")
+    data_set_type = elements.pop(_TAG_DATA_SET_TYPE, b"")
+    if len(group_length) != 4 or len(command_field) != 2 or len(data_set_type) != 2:
+        return None
+    field = struct.unpack("<H", command_field)[0]
+    allowed = _RECEIVED_FIELDS.get(field)
+    if allowed is None:
+        return None
+    values: dict[str, Any] = {}
+    for tag in sorted(elements):
+        spec = allowed.get(tag)
+        if spec is None:
+            return None
+        value = _received_value(spec[1], elements[tag])
+        if value is None:
+            return None
+        values[spec[0]] = value
+    return ReceivedCommand(field, struct.unpack("<H", data_set_type)[0], values)
 
 
 # --- Part 10 File Meta Information (Explicit VR Little Endian, PS3.10 7.1) ----------------

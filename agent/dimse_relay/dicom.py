@@ -30,6 +30,7 @@ from pynetdicom import association as pynetdicom_association
 from pynetdicom import dimse_messages as pynetdicom_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -130,6 +131,53 @@ def _pdata(context_id: int, raw: bytes, command_bit: int, fragment: int) -> Iter
         last = start + fragment >= len(raw)
         header = command_bit | (2 if last else 0)
         yield _one_pdata(context_id, bytes((header,)) + raw[start : start + fragment])
+
+
+_original_receive_primitive = DIMSEServiceProvider.receive_primitive
+_original_decode = pynetdicom_messages.decode  # type: ignore[attr-defined]
+_original_message_to_primitive = DIMSEMessage.message_to_primitive
+_receiving = threading.local()
+
+
+def _receive_primitive(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
+    """pynetdicom's ``receive_primitive``, with the command set of a complete C-ECHO or
+    C-STORE message decoded by command_set.py unless a handler wants pynetdicom's message
+    object (EVT_DIMSE_RECV)."""
+    _receiving.fast = not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+    try:
+        _original_receive_primitive(self, primitive)
+    finally:
+        _receiving.fast = False
+
+
+def _decode_received(
+    fp: BytesIO, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
+) -> Any:
+    """``decode`` as pynetdicom's ``decode_msg`` calls it for a received command set."""
+    if getattr(_receiving, "fast", False) and is_implicit_vr and is_little_endian and not deflated:
+        fast = command_set.decode_command_set(fp.getvalue())
+        if fast is not None:
+            return fast
+    return _original_decode(fp, is_implicit_vr, is_little_endian, deflated)
+
+
+def _message_to_primitive(self: DIMSEMessage) -> Any:
+    """``message_to_primitive`` for a command set decoded by command_set.py: the same values
+    set on the same primitive, without pydicom elements."""
+    received = getattr(self, "command_set", None)
+    if not isinstance(received, command_set.ReceivedCommand):
+        return _original_message_to_primitive(self)
+    name = type(self).__name__
+    primitive: Any = pynetdicom_messages._MSG_TO_PRIMITVE[name[: name.rfind("_R")]]()
+    for keyword, value in received.values.items():
+        setattr(primitive, keyword, value)
+    data_keyword = pynetdicom_messages._DATASET_KEYWORDS.get(name)
+    if data_keyword is not None:
+        setattr(primitive, data_keyword, self.data_set)
+    primitive._context_id = self.context_id
+    primitive._dataset_path = self._data_set_path
+    primitive._dataset_file = self._data_set_file
+    return primitive
 
 
 class _SpoolFileMeta(NamedTuple):
@@ -233,6 +281,9 @@ def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002)
         DIMSEServiceProvider.maximum_pdu_size = property(_capped_maximum_pdu)  # type: ignore[method-assign,assignment]
         # C-ECHO and C-STORE command sets and spool File Meta without pydicom datasets.
         DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
+        pynetdicom_messages.decode = _decode_received  # type: ignore[attr-defined,assignment]
+        DIMSEMessage.message_to_primitive = _message_to_primitive  # type: ignore[method-assign]
         pynetdicom_messages.create_file_meta = _spool_file_meta  # type: ignore[attr-defined]
         pynetdicom_messages.write_file_meta_info = _write_spool_file_meta  # type: ignore[attr-defined]
         pynetdicom_association.split_dataset = split_part10  # type: ignore[attr-defined]
