@@ -6,6 +6,10 @@ whose cloud target is Orthanc and whose edge maps the move destination to a stor
 
     .venv/bin/python bench/run.py [--quick] [--strict] [--keep]
 
+From the run of the listener-like pynetdicom storage SCP on, this process's own pynetdicom
+is configured as in an agent (dimse_relay.dicom.configure_pynetdicom): the C-FIND, C-MOVE and
+C-GET SCUs after it, direct and relayed alike, wait for events instead of polling.
+
 Prints a table and writes the figures to bench/results/<UTC timestamp>.json and
 bench/results/latest.json. Exits 1 if any transfer fails or what is stored is not what was
 sent (the figures would be worthless), 3 with --strict if a target is missed.
@@ -57,6 +61,7 @@ from workload import (  # noqa: E402
     check_small_stored,
     dataset_digest,
     echo_series,
+    echoscu_mean_rtt,
     event_driven_echo_series,
     find_studies,
     median,
@@ -346,7 +351,7 @@ class Bench:
         # agent's settings) as a plain storage SCP, no relay behind it.
         self.rows.append(
             Row(
-                "  same, storescu -> bare pynetdicom SCP (no relay)",
+                "  same, storescu -> pynetdicom SCP as in an agent (no relay)",
                 "inst/s",
                 rates["direct"],
                 bare,
@@ -563,15 +568,18 @@ class Bench:
     def bench_echo(self, port: int) -> None:
         count = self.params["echo_count"]
         assert self.scp is not None
-        log(f"echo: {count} C-ECHOs on one association each way, two SCUs")
-        # The target row: an SCU that waits for events as DCMTK's echoscu does. The plain
-        # pynetdicom SCU (1 ms polling loops) is measured too, for comparison.
+        log(f"echo: {count} C-ECHOs on one association each way, three SCUs")
+        # The target row: pynetdicom with only the relay's event-driven waits (reactor.py,
+        # none of its codec changes), an SCU that does not poll. The plain pynetdicom SCU
+        # (1 ms polling loops) and DCMTK's echoscu (mean of a series) are measured too.
         before = self.listener_seconds("C-ECHO")
         direct = event_driven_echo_series(self.scp.port, SCP_AET, count)
         relay = event_driven_echo_series(port, SCP_AET, count)
         after = self.listener_seconds("C-ECHO")
         plain_direct = echo_series(self.scp.port, SCP_AET, count)
         plain_relay = echo_series(port, SCP_AET, count)
+        dcmtk_direct = echoscu_mean_rtt(self.scp.port, SCP_AET, count)
+        dcmtk_relay = echoscu_mean_rtt(port, SCP_AET, count)
         assert self.pki is not None and self.nats is not None
         tester = self.pki.client("tester")
         rtt = nats_rtt(self.nats.url, self.pki.ca, tester.cert, tester.key, count)
@@ -584,6 +592,7 @@ class Bench:
                 "direct": median(plain_direct) * 1e3,
                 "relay": median(plain_relay) * 1e3,
             },
+            "dcmtk_echoscu_mean_ms": {"direct": dcmtk_direct * 1e3, "relay": dcmtk_relay * 1e3},
         }
         for mode, times in (
             ("direct", direct),
@@ -595,6 +604,10 @@ class Bench:
                 f"  {mode}: median {median(times) * 1e3:.2f} ms, "
                 f"p99 {percentile(times, 99) * 1e3:.2f} ms, max {max(times) * 1e3:.2f} ms"
             )
+        log(
+            f"  DCMTK echoscu, mean of {count}: direct {dcmtk_direct * 1e3:.2f} ms, "
+            f"relay {dcmtk_relay * 1e3:.2f} ms"
+        )
         log(
             f"  edge handler mean {handler:.2f} ms (NATS + cloud agent + storescp); bare NATS "
             f"TLS request/reply median {median(rtt) * 1e3:.2f} ms"
@@ -613,12 +626,22 @@ class Bench:
             )
         )
         self.rows.append(
-            Row(f"C-ECHO RTT p99 ({count})", "ms", p99_d, p99_r, p99_r / p99_d, "-", None)
+            Row(
+                f"C-ECHO RTT p99 ({count}), event-driven SCU",
+                "ms",
+                p99_d,
+                p99_r,
+                p99_r / p99_d,
+                "-",
+                None,
+            )
         )
         pd, pr = median(plain_direct) * 1e3, median(plain_relay) * 1e3
         self.rows.append(
-            Row("  same, plain pynetdicom SCU (polls)", "ms", pd, pr, pr / pd, "-", None)
+            Row("  median, plain pynetdicom SCU (polls)", "ms", pd, pr, pr / pd, "-", None)
         )
+        dd, dr = dcmtk_direct * 1e3, dcmtk_relay * 1e3
+        self.rows.append(Row("  mean, DCMTK echoscu --repeat", "ms", dd, dr, dr / dd, "-", None))
 
     def bench_rss(self) -> None:
         """Fresh agents, so VmHWM is what relaying this one instance took."""
@@ -1002,8 +1025,17 @@ def tool_version(cmd: list[str]) -> str:
 
 def environment() -> dict[str, Any]:
     commit = tool_version(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "git_commit": commit,
+        # Uncommitted changes to tracked files when the run started: the figures are then
+        # not those of git_commit.
+        "git_dirty": bool(dirty),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),

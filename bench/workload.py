@@ -29,7 +29,7 @@ import pydicom.data  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # noqa: E402
-from tests.harness import LOOPBACK  # noqa: E402
+from tests.harness import ECHOSCU, LOOPBACK  # noqa: E402
 from tests.harness.dicom import dataset_bytes  # noqa: E402
 
 
@@ -431,11 +431,11 @@ def c_get_seconds(port: int, called: str, study_uid: str, count: int) -> float:
 
 
 def event_driven_echo_series(port: int, called: str, count: int) -> list[float]:
-    """echo_series from a fresh Python process whose pynetdicom waits for events (the
-    relay's reactor, dimse_relay.dicom.configure_pynetdicom) instead of polling: an SCU
-    that, like DCMTK's echoscu, adds no polling delay of its own and burns no CPU while it
-    waits. Plain pynetdicom's 1 ms polling loops add about 2 ms to every round trip, direct
-    or relayed, and on a small host take CPU from whatever it is measuring."""
+    """echo_series from a fresh Python process whose pynetdicom waits for events instead of
+    polling (only the relay's reactor.py is installed there, none of its codec changes): an
+    SCU that adds no polling delay of its own and burns no CPU while it waits. Plain
+    pynetdicom's 1 ms polling loops add about 2 ms to every round trip, direct or relayed,
+    and on a small host take CPU from whatever it is measuring."""
     out = subprocess.run(
         [sys.executable, __file__, "echo-series", str(port), called, str(count)],
         capture_output=True,
@@ -448,9 +448,34 @@ def event_driven_echo_series(port: int, called: str, count: int) -> list[float]:
     return [float(t) for t in json.loads(out.stdout)]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["echo-series"]:
-    from dimse_relay.dicom import configure_pynetdicom
+def echoscu_mean_rtt(port: int, called: str, count: int, rounds: int = 3) -> float:
+    """Mean C-ECHO round trip of DCMTK's echoscu in seconds: one association with
+    ``count`` + 1 echoes against one with a single echo (best of ``rounds`` each), the
+    difference divided by ``count``, so association set-up and process start cancel out."""
 
-    configure_pynetdicom(log_identifiers=False)
+    def best(n: int) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            out = subprocess.run(
+                [str(ECHOSCU), "--repeat", str(n), "-aec", called, LOOPBACK, str(port)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                env={**os.environ, "TCP_NODELAY": "1"},  # as for storescu
+            )
+            times.append(time.perf_counter() - started)
+            if out.returncode != 0:
+                raise BenchFailure(f"echoscu --repeat {n} to {called}: rc={out.returncode}")
+        return min(times)
+
+    return (best(count + 1) - best(1)) / count
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["echo-series"]:
+    from dimse_relay import reactor
+
+    reactor.install(0.0002)
     _port, _called, _count = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     print(json.dumps(echo_series(_port, _called, _count)))

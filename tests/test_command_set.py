@@ -137,15 +137,20 @@ def test_request_command_as_before(tmp_path: Path) -> None:
     store.AffectedSOPInstanceUID = "1.2.3"
     store.Priority = 1
     store._dataset_path = tmp_path / "spooled.dcm"
-    command, data = dicom.request_command(store, C_STORE_RQ(), "DataSet")
-    store.DataSet = None
-    assert command == reference(C_STORE_RQ(), store)
     echo = C_ECHO()
     echo.MessageID = 9
     echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    command, data = dicom.request_command(echo, C_ECHO_RQ(), None)
+    expected_store, expected_echo = reference(C_STORE_RQ(), store), reference(C_ECHO_RQ(), echo)
+    # The fast path must be the one that ran: pynetdicom's conversion is not called.
+    with (
+        mock.patch.object(C_STORE_RQ, "primitive_to_message", side_effect=AssertionError),
+        mock.patch.object(C_ECHO_RQ, "primitive_to_message", side_effect=AssertionError),
+    ):
+        command, data = dicom.request_command(store, C_STORE_RQ(), "DataSet")
+        assert command == expected_store
+        command, data = dicom.request_command(echo, C_ECHO_RQ(), None)
     assert data is None
-    assert command == reference(C_ECHO_RQ(), echo)
+    assert command == expected_echo
 
 
 def test_values_it_does_not_handle_are_left_to_pynetdicom() -> None:
@@ -156,6 +161,11 @@ def test_values_it_does_not_handle_are_left_to_pynetdicom() -> None:
     assert command_set.encode_primitive(p, "C-STORE-RSP", False) is None
     p.ErrorComment = None
     p.OffendingElement = ["not a tag"]
+    assert command_set.encode_primitive(p, "C-STORE-RSP", False) is None
+    p.OffendingElement = (0x0010, 0x0020)  # one tag to pydicom
+    assert command_set.encode_primitive(p, "C-STORE-RSP", False) is None
+    p.OffendingElement = None
+    p.ErrorComment = "a\\b"  # a value delimiter
     assert command_set.encode_primitive(p, "C-STORE-RSP", False) is None
     assert command_set.encode_primitive(p, "C-FIND-RSP", False) is None
 
@@ -200,9 +210,23 @@ def test_send_msg_yields_the_pdvs_pynetdicom_yields(
         else:
             p._dataset_path = (spool, offset)
         fast, slow = _Collector(max_pdu), _Collector(max_pdu)
-        dicom._send_msg(fast, p, 3)  # type: ignore[arg-type]
         dicom._original_send_msg(slow, p, 3)  # type: ignore[arg-type]
+        # The fast path must be the one that ran: no fallback to pynetdicom's send_msg.
+        with mock.patch.object(dicom, "_original_send_msg", side_effect=AssertionError):
+            dicom._send_msg(fast, p, 3)  # type: ignore[arg-type]
         assert _pdvs(fast) == _pdvs(slow), (source, max_pdu, size)
+
+
+def test_send_msg_leaves_unlimited_or_tiny_pdus_to_pynetdicom() -> None:
+    p = C_ECHO()
+    p.MessageID = 1
+    p.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    fast, slow = _Collector(0), _Collector(0)
+    dicom._send_msg(fast, p, 1)  # type: ignore[arg-type]
+    dicom._original_send_msg(slow, p, 1)  # type: ignore[arg-type]
+    assert _pdvs(fast) == _pdvs(slow) and len(_pdvs(fast)) == 1
+    with pytest.raises(ValueError):
+        dicom._send_msg(_Collector(5), p, 1)  # type: ignore[arg-type]
 
 
 def test_send_msg_leaves_messages_with_sent_handlers_to_pynetdicom() -> None:
@@ -285,17 +309,27 @@ _ASSOC = SimpleNamespace(_accepted_cx={1: SimpleNamespace(transfer_syntax=["1.2.
 
 
 @contextlib.contextmanager
-def _agent_receive_path() -> Iterator[None]:
-    """What configure_pynetdicom sets for receiving in an agent, for this block only (the
-    test process's own pynetdicom peers must stay unpatched)."""
-    with contextlib.ExitStack() as stack:
-        for target, name, value in (
+def _agent_receive_path(fast: bool) -> Iterator[None]:
+    """What configure_pynetdicom sets for receiving in an agent (``fast``), or pynetdicom's
+    own receiving with spooled data sets, for this block only (the test process's own
+    pynetdicom peers must stay unpatched)."""
+    patches: list[tuple[Any, str, Any]] = [(_config, "STORE_RECV_CHUNKED_DATASET", True)]
+    if fast:
+        patches += [
             (pynetdicom_messages, "decode", dicom._decode_received),
             (DIMSEMessage, "message_to_primitive", dicom._message_to_primitive),
             (pynetdicom_messages, "create_file_meta", dicom._spool_file_meta),
             (pynetdicom_messages, "write_file_meta_info", dicom._write_spool_file_meta),
-            (_config, "STORE_RECV_CHUNKED_DATASET", True),
-        ):
+        ]
+    else:
+        patches += [
+            (pynetdicom_messages, "decode", dicom._original_decode),
+            (DIMSEMessage, "message_to_primitive", dicom._original_message_to_primitive),
+            (pynetdicom_messages, "create_file_meta", dicom._original_create_file_meta),
+            (pynetdicom_messages, "write_file_meta_info", dicom._original_write_file_meta_info),
+        ]
+    with contextlib.ExitStack() as stack:
+        for target, name, value in patches:
             stack.enter_context(mock.patch.object(target, name, value))
         yield
 
@@ -305,7 +339,7 @@ def _receive(pdatas: list[Any], fast: bool) -> tuple[Any, Any]:
     message = DIMSEMessage()
     dicom._receiving.fast = fast
     try:
-        with _agent_receive_path():
+        with _agent_receive_path(fast):
             done = [message.decode_msg(pdata, _ASSOC) for pdata in pdatas]
             primitive = message.message_to_primitive()
     finally:
@@ -464,3 +498,76 @@ def test_received_command_sets_pydicom_must_decode() -> None:
         assert command_set.decode_command_set(_command(*base, extra)) is None, extra
     assert command_set.decode_command_set(_command(*base)[:-1]) is None
     assert command_set.decode_command_set(_command((0x00000100, b"\x20\x00"))) is None  # C-FIND
+
+
+def _store_rq(sop_instance: bytes) -> list[Any]:
+    """A C-STORE-RQ with a data set whose Affected SOP Instance UID is ``sop_instance``."""
+    command = _command(
+        (0x00000002, b"1.2.840.10008.5.1.4.1.1.7\x00"),
+        (0x00000100, b"\x01\x00"),
+        (0x00000110, b"\x01\x00"),
+        (0x00000700, b"\x00\x00"),
+        (0x00000800, b"\x01\x00"),
+        (0x00001000, sop_instance),
+    )
+    command = _command((0x00000000, struct.pack("<I", len(command)))) + command
+    data = b"\x08\x00\x16\x00\x04\x00\x00\x001.2\x00"
+    return [_one(0x03, command), _one(0x02, data)]
+
+
+def _one(header: int, value: bytes) -> Any:
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((1, bytes((header,)) + value))
+    return pdata
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("uid", [b"", b"\r", b"\x00", b"  "])
+def test_empty_sop_instance_uid_fails_as_in_pynetdicom(uid: bytes) -> None:
+    """pynetdicom refuses to spool a C-STORE without an Affected SOP Instance UID (pydicom
+    will not write an empty File Meta element; the association is then ended): so does the
+    agent."""
+    for fast in (False, True):
+        with pytest.raises(AttributeError, match="empty value"):
+            _receive(_store_rq(uid), fast=fast)
+
+
+def test_spool_file_meta_as_pynetdicom_writes_it() -> None:
+    _assert_received_alike(_store_rq(b"1.2.3.4\x00"), expect_fast=True)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_part10_header_with_a_non_ascii_uid_written_by_pydicom() -> None:
+    uid = "1.2.3.\u00e9"
+    assert not command_set.meta_values_supported("1.2", uid, "1.2.840.10008.1.2")
+    ours = io.BytesIO()
+    dicom.write_part10_header(ours, "1.2", uid, "1.2.840.10008.1.2")
+    theirs = io.BytesIO()
+    theirs.write(b"\0" * 128 + b"DICM")
+    meta = Dataset()
+    meta.MediaStorageSOPClassUID = "1.2"
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    meta.ImplementationClassUID = dicom.IMPLEMENTATION_UID
+    meta.ImplementationVersionName = dicom.IMPLEMENTATION_VERSION
+    write_file_meta_info(theirs, meta, enforce_standard=True)  # type: ignore[arg-type]
+    assert ours.getvalue() == theirs.getvalue()
+    found = command_set.read_file_meta(io.BytesIO(ours.getvalue()))
+    assert found is not None and command_set.meta_text(found[0], 0x0003) is None
+
+
+def test_short_file_meta_group_length_left_to_pydicom(tmp_path: Path) -> None:
+    """A group length that ends the File Meta early: pydicom reads on to the last group 2
+    element, and so must the offset the agent sends the dataset from."""
+    good = command_set.file_meta_bytes("1.2", "1.2.3", "1.2.840.10008.1.2", "1.2", "VERSION1")
+    length = struct.unpack_from("<I", good, 140)[0]
+    short = good[:140] + struct.pack("<I", length - 16) + good[144:]  # leaves out (0002,0013)
+    path = tmp_path / "short.dcm"
+    path.write_bytes(short + b"\x08\x00\x16\x00\x04\x00\x00\x001.2\x00")
+    assert command_set.read_file_meta(io.BytesIO(path.read_bytes())) is None
+    _meta, offset = split_dataset(path)
+    assert offset == len(good)
+    assert dicom.dataset_offset(path) == offset
+    assert dicom.split_part10(path)[1] == offset

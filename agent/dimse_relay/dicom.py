@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
@@ -89,15 +90,19 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     if name not in command_set.FAST_MESSAGES or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         _original_send_msg(self, primitive, context_id)
         return
-    data_set = getattr(primitive, "DataSet", None) if name == "C-STORE-RQ" else None
-    data_path = getattr(primitive, "_dataset_path", None)
+    fragment = int(self.maximum_pdu_size) - 6
+    if fragment < 1:  # no limit, or too small: pynetdicom's (one PDV, or its ValueError)
+        _original_send_msg(self, primitive, context_id)
+        return
+    is_store_rq = name == "C-STORE-RQ"
+    data_set = getattr(primitive, "DataSet", None) if is_store_rq else None
+    data_path = getattr(primitive, "_dataset_path", None) if is_store_rq else None
     command = command_set.encode_primitive(
         primitive, name, has_data_set=data_set is not None or bool(data_path)
     )
     if command is None:
         _original_send_msg(self, primitive, context_id)
         return
-    fragment = max(int(self.maximum_pdu_size) - 6, 1)
     for pdata in _pdata(context_id, command, 1, fragment):
         self.dul.send_pdu(pdata)
     if data_set is not None:
@@ -194,7 +199,8 @@ def _spool_file_meta(**kwargs: Any) -> Any:
     """``create_file_meta`` as pynetdicom's receiving side calls it for a C-STORE spool file:
     the values only, written by _write_spool_file_meta (pydicom for anything unusual)."""
     values = [kwargs.get(k) for k in ("sop_class_uid", "sop_instance_uid", "transfer_syntax")]
-    if len(kwargs) != 3 or not all(isinstance(v, str) and v.isascii() for v in values):
+    texts = [v for v in values if isinstance(v, str)]
+    if len(kwargs) != 3 or len(texts) != 3 or not command_set.meta_values_supported(*texts):
         return _original_create_file_meta(**kwargs)
     return _SpoolFileMeta(*[str(v) for v in values])
 
@@ -216,7 +222,8 @@ _original_split_dataset = pynetdicom_association.split_dataset  # type: ignore[a
 
 def split_part10(path: Path) -> tuple[Dataset, int]:
     """pynetdicom's ``split_dataset`` (the File Meta and the dataset offset of a file it is
-    to send), read directly for the relay's own spool files; pydicom for any other file."""
+    to send), read directly where the file has the layout of the relay's and pynetdicom's
+    spool files (command_set.read_file_meta) with ASCII UIDs; pydicom for any other."""
     with open(path, "rb") as fh:
         found = command_set.read_file_meta(fh)
     if found is not None:
@@ -504,15 +511,18 @@ def write_part10_header(
     fh: BinaryIO, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
 ) -> None:
     """Preamble, DICM and File Meta Information; the dataset bytes are appended unchanged."""
-    fh.write(
-        command_set.file_meta_bytes(
-            sop_class_uid,
-            sop_instance_uid,
-            transfer_syntax,
-            IMPLEMENTATION_UID,
-            IMPLEMENTATION_VERSION,
-        )
-    )
+    values = (sop_class_uid, sop_instance_uid, transfer_syntax)
+    if command_set.meta_values_supported(*values):
+        fh.write(command_set.file_meta_bytes(*values, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        return
+    meta = Dataset()  # pydicom for what file_meta_bytes does not write
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    fh.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fh, meta, enforce_standard=True)  # type: ignore[arg-type]
 
 
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1484.1"
