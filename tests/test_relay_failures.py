@@ -4,6 +4,7 @@ within the configured timeout, and the agents keep serving everyone else."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import ssl
 import subprocess
@@ -286,6 +287,18 @@ async def _inject_garbage(url: str, tls: ssl.SSLContext) -> dict[str, int]:
             msg = await sub.next_msg(timeout=5)
             header, _ = envelope.decode(msg.data)
             errors[name] = 1 if header.reason == "protocol" else 0
+        # Datasets inline in the request (sent to the SCP from memory): the same checks.
+        inline_cases = {
+            "inline_bad_digest": (4, b"x" * 20, hashlib.sha256(b"y" * 20).hexdigest()),
+            "inline_length_mismatch": (5, b"x" * 10, hashlib.sha256(b"x" * 10).hexdigest()),
+        }
+        for name, (op_id, data, digest) in inline_cases.items():
+            fields = {**base, "inline": True}
+            req = RequestHeader(op_id=op_id, dataset_length=20, digest=digest, **fields)
+            await nc.publish(session, envelope.encode(req, command + data), reply=inbox + ".ops")
+            msg = await sub.next_msg(timeout=5)
+            header, _ = envelope.decode(msg.data)
+            errors[name] = 1 if header.reason == "protocol" else 0
         await nc.publish(session, b"\x00" * 100)  # garbage on the session subject
         await nc.publish(session, envelope.encode(envelope.CloseHeader(mode="abort")))
         await nc.flush()
@@ -298,8 +311,18 @@ def test_garbage_on_relay_subjects_is_dropped_counted_and_harmless(
     rig: FailureRig, pki: TestPKI
 ) -> None:
     before = rig.cloud.metric("dimse_relay_wire_rejected_total")
+    reasons_before = {
+        r: rig.cloud.metric("dimse_relay_wire_rejected_total", reason=r)
+        for r in ("bad_digest", "length_mismatch")
+    }
     errors = asyncio.run(_inject_garbage(rig.nats.url, _client_tls(pki, "tester")))
-    assert errors == {"out_of_order": 1, "oversized": 1, "bad_digest": 1}
+    assert errors == {
+        "out_of_order": 1,
+        "oversized": 1,
+        "bad_digest": 1,
+        "inline_bad_digest": 1,
+        "inline_length_mismatch": 1,
+    }
     time.sleep(0.5)
     cloud = rig.cloud
     for reason in (
@@ -314,8 +337,14 @@ def test_garbage_on_relay_subjects_is_dropped_counted_and_harmless(
         "bad_digest",
     ):
         assert cloud.metric("dimse_relay_wire_rejected_total", reason=reason) >= 1, reason
-    assert cloud.metric("dimse_relay_wire_rejected_total") >= before + 11
+    # one bad digest chunked and one inline, one inline length mismatch
+    for reason, injected in (("bad_digest", 2), ("length_mismatch", 1)):
+        got = cloud.metric("dimse_relay_wire_rejected_total", reason=reason)
+        assert got - reasons_before[reason] == injected, reason
+    assert cloud.metric("dimse_relay_wire_rejected_total") >= before + 13
     assert rig.edge.metric("dimse_relay_wire_rejected_total", reason="no_such_inbox") >= 0
+    # nothing of the rejected datasets reached the SCP (storescp names files by UID)
+    assert not [p for p in rig.good_scp.files() if "1.2.3.4" in p.name]
     # the agents still relay
     rig.good_scp.clear()
     assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]

@@ -32,6 +32,7 @@ from pynetdicom import dimse_messages as pynetdicom_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -274,6 +275,49 @@ def _send_spooled(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
     if "Status" in result:
         dataset.store_status = int(result.Status)
     return result
+
+
+def send_c_store_bytes(
+    assoc: Association,
+    data: bytes,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    *,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> Dataset:
+    """A C-STORE of a dataset held in memory, already encoded in ``transfer_syntax``: the
+    steps pynetdicom's ``send_c_store`` takes for a spooled file (a context in exactly that
+    transfer syntax, the same request, reactor pause and response handling), with the data
+    set sent from memory rather than written to a file and read back. For the small
+    instances a target gets inline: file creation is on the critical path of every relayed
+    C-STORE otherwise, and costs from 0.05 to about 1 ms on a busy disk."""
+    if not assoc.is_established:
+        raise RuntimeError("the association with the SCP is not established")
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.Priority = priority
+    request.MoveOriginatorApplicationEntityTitle = originator_aet
+    request.MoveOriginatorMessageID = originator_id
+    context = assoc._get_valid_context(
+        sop_class_uid, transfer_syntax, "scu", allow_conversion=False
+    )
+    request.AffectedSOPClassUID = sop_class_uid
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request.DataSet = BytesIO(data)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(request, int(context.context_id or 0))
+    _context_id, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    if response is None:  # DIMSE timeout: pynetdicom aborts
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(response)
 
 
 def configure_pynetdicom(log_identifiers: bool, poll_interval_s: float = 0.0002) -> None:

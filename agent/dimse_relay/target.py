@@ -37,7 +37,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dimse_relay import envelope, metrics, sinks, subjects
+from dimse_relay import command_set, envelope, metrics, sinks, subjects
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     SOCKET_HANDLERS,
@@ -48,6 +48,7 @@ from dimse_relay.dicom import (
     encode_dataset,
     request_command,
     requested_contexts,
+    send_c_store_bytes,
 )
 from dimse_relay.envelope import (
     AckHeader,
@@ -248,7 +249,8 @@ class TargetSession:
     def _send_echo(self) -> Dataset:
         return self.assoc.send_c_echo()  # type: ignore[no-any-return]
 
-    def _send_store(self, command: Dataset, path: Path) -> Dataset:
+    @staticmethod
+    def _store_kwargs(command: Dataset) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "priority": int(getattr(command, "Priority", 2)),
             "msg_id": int(command.MessageID),
@@ -256,7 +258,15 @@ class TargetSession:
         if "MoveOriginatorApplicationEntityTitle" in command:
             kwargs["originator_aet"] = command.MoveOriginatorApplicationEntityTitle
             kwargs["originator_id"] = int(command.MoveOriginatorMessageID)
-        return self.assoc.send_c_store(path, **kwargs)  # type: ignore[no-any-return]
+        return kwargs
+
+    def _send_store(self, command: Dataset, path: Path) -> Dataset:
+        return self.assoc.send_c_store(path, **self._store_kwargs(command))  # type: ignore[no-any-return]
+
+    def _send_inline_store(
+        self, command: Dataset, data: bytes, values: tuple[str, str, str]
+    ) -> Dataset:
+        return send_c_store_bytes(self.assoc, data, *values, **self._store_kwargs(command))
 
     def _release(self, mode: str) -> None:
         if self.assoc is not None and self.assoc.is_established:
@@ -604,6 +614,10 @@ class TargetSession:
         for stale in self.uploads.values():
             stale.discard()
         self.uploads.clear()
+        inline_values = self._inline_store_values(hdr, command)
+        if inline_values is not None:
+            await self._store_inline(hdr, command, rest, reply, inline_values)
+            return
         try:
             up = SpooledDataset(hdr, command, self.server.spool_dir, reply)
         except OSError:
@@ -622,6 +636,51 @@ class TargetSession:
             await self._finish_store(up, hdr.digest)
             return
         self.uploads[hdr.op_id] = up
+
+    def _inline_store_values(
+        self, hdr: RequestHeader, command: Dataset
+    ) -> tuple[str, str, str] | None:
+        """(SOP Class, SOP Instance, transfer syntax UID) for sending an inline dataset from
+        memory: a non-empty dataset for a ``kind: scp`` target whose three UIDs are plain
+        (what the spool file's File Meta would give back unchanged). None otherwise: the
+        spool file route, with pydicom's checks and replies for unusual values."""
+        if not hdr.inline or self.sink is not None or hdr.dataset_length <= 0:
+            return None
+        try:
+            values = (
+                str(command.AffectedSOPClassUID),
+                str(command.AffectedSOPInstanceUID),
+                hdr.transfer_syntax,
+            )
+        except Exception:
+            return None
+        plain = all(v == v.strip("\0 \t\r\n") for v in values)
+        return values if plain and command_set.meta_values_supported(*values) else None
+
+    async def _store_inline(
+        self,
+        hdr: RequestHeader,
+        command: Dataset,
+        rest: memoryview,
+        reply: str,
+        values: tuple[str, str, str],
+    ) -> None:
+        """A dataset that came whole in the request, checked as the spool route checks it
+        (length, then digest; the same replies and metrics), then sent to the SCP from
+        memory: no spool file on the critical path."""
+        data = bytes(rest)
+        if len(data) != hdr.dataset_length:
+            metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
+            return
+        metrics.BYTES.labels(direction="received").inc(len(data))
+        if hdr.digest != hashlib.sha256(data).hexdigest():
+            metrics.WIRE_REJECTED.labels(reason="bad_digest").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "dataset bad_digest")
+            return
+        await self._run_and_reply(
+            hdr, reply, lambda: self._send_inline_store(command, data, values)
+        )
 
     async def _on_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
         up = self.uploads.get(hdr.op_id)
