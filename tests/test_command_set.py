@@ -53,33 +53,24 @@ def reference(message: Any, primitive: Any) -> bytes:
     return raw
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    sop_class=UIDS,
-    sop_instance=UIDS,
-    msg_id=US,
-    priority=st.integers(0, 2),
-    originator=st.none() | AETS,
-    originator_id=US,
-    with_data=st.booleans(),
-)
-def test_c_store_rq_as_pynetdicom_encodes_it(
-    sop_class: str,
-    sop_instance: str,
-    msg_id: int,
-    priority: int,
-    originator: str | None,
-    originator_id: int,
-    with_data: bool,
-) -> None:
+@st.composite
+def store_requests(draw: st.DrawFn) -> C_STORE:
+    """C-STORE request primitives, with and without Move Originator fields."""
     p = C_STORE()
-    p.MessageID = msg_id
-    p.AffectedSOPClassUID = sop_class
-    p.AffectedSOPInstanceUID = sop_instance
-    p.Priority = priority
+    p.MessageID = draw(US)
+    p.AffectedSOPClassUID = draw(UIDS)
+    p.AffectedSOPInstanceUID = draw(UIDS)
+    p.Priority = draw(st.integers(0, 2))
+    originator = draw(st.none() | AETS)
     if originator is not None:
         p.MoveOriginatorApplicationEntityTitle = originator
-        p.MoveOriginatorMessageID = originator_id
+        p.MoveOriginatorMessageID = draw(US)
+    return p
+
+
+@settings(max_examples=150, deadline=None)
+@given(p=store_requests(), with_data=st.booleans())
+def test_c_store_rq_as_pynetdicom_encodes_it(p: C_STORE, with_data: bool) -> None:
     p.DataSet = io.BytesIO(b"\x08\x00\x16\x00") if with_data else None
     fast = command_set.encode_primitive(p, "C-STORE-RQ", has_data_set=with_data)
     assert fast == reference(C_STORE_RQ(), p)
@@ -377,32 +368,8 @@ def _assert_received_alike(pdatas: list[Any], expect_fast: bool) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    sop_class=UIDS,
-    sop_instance=UIDS,
-    msg_id=US,
-    priority=st.integers(0, 2),
-    originator=st.none() | AETS,
-    originator_id=US,
-    max_pdu=st.sampled_from([16, 100, 16382]),
-)
-def test_received_c_store_rq_as_pynetdicom_decodes_it(
-    sop_class: str,
-    sop_instance: str,
-    msg_id: int,
-    priority: int,
-    originator: str | None,
-    originator_id: int,
-    max_pdu: int,
-) -> None:
-    p = C_STORE()
-    p.MessageID = msg_id
-    p.AffectedSOPClassUID = sop_class
-    p.AffectedSOPInstanceUID = sop_instance
-    p.Priority = priority
-    if originator is not None:
-        p.MoveOriginatorApplicationEntityTitle = originator
-        p.MoveOriginatorMessageID = originator_id
+@given(p=store_requests(), max_pdu=st.sampled_from([16, 100, 16382]))
+def test_received_c_store_rq_as_pynetdicom_decodes_it(p: C_STORE, max_pdu: int) -> None:
     p.DataSet = io.BytesIO(b"\x08\x00\x16\x00\x04\x00\x00\x001.2\x00")
     _assert_received_alike(_wire(C_STORE_RQ(), p, max_pdu), expect_fast=True)
 
