@@ -76,30 +76,24 @@ def test_c_store_rq_as_pynetdicom_encodes_it(p: C_STORE, with_data: bool) -> Non
     assert fast == reference(C_STORE_RQ(), p)
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    sop_class=st.none() | UIDS,
-    sop_instance=st.none() | UIDS,
-    msg_id=US,
-    status=US,
-    comment=st.none() | COMMENTS,
-    offending=st.none() | st.lists(st.integers(0, 0xFFFFFFFF), min_size=1, max_size=3),
-)
-def test_c_store_rsp_as_pynetdicom_encodes_it(
-    sop_class: str | None,
-    sop_instance: str | None,
-    msg_id: int,
-    status: int,
-    comment: str | None,
-    offending: list[int] | None,
-) -> None:
+@st.composite
+def store_responses(draw: st.DrawFn, offending: bool = True) -> C_STORE:
+    """C-STORE response primitives, optional elements absent or present."""
     p = C_STORE()
-    p.MessageIDBeingRespondedTo = msg_id
-    p.AffectedSOPClassUID = sop_class
-    p.AffectedSOPInstanceUID = sop_instance
-    p.Status = status
-    p.ErrorComment = comment
-    p.OffendingElement = offending
+    p.MessageIDBeingRespondedTo = draw(US)
+    p.AffectedSOPClassUID = draw(st.none() | UIDS)
+    p.AffectedSOPInstanceUID = draw(st.none() | UIDS)
+    p.Status = draw(US)
+    p.ErrorComment = draw(st.none() | COMMENTS)
+    if offending:
+        tags = st.lists(st.integers(0, 0xFFFFFFFF), min_size=1, max_size=3)
+        p.OffendingElement = draw(st.none() | tags)
+    return p
+
+
+@settings(max_examples=150, deadline=None)
+@given(p=store_responses())
+def test_c_store_rsp_as_pynetdicom_encodes_it(p: C_STORE) -> None:
     fast = command_set.encode_primitive(p, "C-STORE-RSP", has_data_set=False)
     assert fast == reference(C_STORE_RSP(), p)
 
@@ -375,22 +369,9 @@ def test_received_c_store_rq_as_pynetdicom_decodes_it(p: C_STORE, max_pdu: int) 
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    sop_class=st.none() | UIDS,
-    sop_instance=st.none() | UIDS,
-    msg_id=US,
-    status=US,
-    comment=st.none() | COMMENTS,
-)
-def test_received_c_store_and_echo_rsp_as_pynetdicom_decodes_them(
-    sop_class: str | None, sop_instance: str | None, msg_id: int, status: int, comment: str | None
-) -> None:
-    p = C_STORE()
-    p.MessageIDBeingRespondedTo = msg_id
-    p.AffectedSOPClassUID = sop_class
-    p.AffectedSOPInstanceUID = sop_instance
-    p.Status = status
-    p.ErrorComment = comment
+@given(p=store_responses(offending=False))
+def test_received_c_store_and_echo_rsp_as_pynetdicom_decodes_them(p: C_STORE) -> None:
+    msg_id, status, comment = p.MessageIDBeingRespondedTo, p.Status, p.ErrorComment
     # An Error Comment is pydicom's to decode.
     _assert_received_alike(_wire(C_STORE_RSP(), p), expect_fast=comment is None)
     e = C_ECHO()
