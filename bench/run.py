@@ -230,6 +230,15 @@ class Bench:
     def phases(self, mon: PhaseMonitor, total: int, key: str) -> None:
         """Log and keep where a relayed large transfer's time went."""
         s = mon.summary()
+        if s["edge_spool"]["complete_s"] is None and s["scp_stored"]["complete_s"] is not None:
+            # The direct path spools nothing: the instance is passed through as it arrives.
+            first, done = s["scp_stored"]["first_byte_s"], s["scp_stored"]["complete_s"]
+            log(
+                f"    cut-through: first byte at storescp {first or 0:.2f} s, complete "
+                f"{done:.2f} s, storescu done {mon.elapsed:.2f} s"
+            )
+            self.analysis[key] = {"monitor": s, "elapsed_s": mon.elapsed}
+            return
         marks = [
             ("storescu -> edge agent (pynetdicom, to spool)", 0.0, s["edge_spool"]["complete_s"]),
             (

@@ -286,3 +286,34 @@ def test_no_ae_titles_or_association_ids_in_info_logs(relay: Relay) -> None:
         text = agent.log_path.read_text()
         for aet in ("CLOUDSCP", "STATUSSCP", "CTONLY", "MODALITY_7", "~2E"):
             assert aet not in text, (agent.name, aet)
+
+
+def test_storage_associations_take_the_direct_path(relay: Relay, tmp_path: Path) -> None:
+    """An association that only proposes Verification and storage contexts is served by the
+    agents' direct (asyncio) path at both ends; one that also proposes a query/retrieve
+    context stays with pynetdicom. Both relay."""
+    from pynetdicom import AE
+
+    def direct(role: str) -> tuple[float, float]:
+        return (
+            relay.edge.metric("dimse_relay_direct_associations_total", role=role),
+            relay.cloud.metric("dimse_relay_direct_associations_total", role=role),
+        )
+
+    before = direct("listener"), direct("target")
+    result = storescu(relay.port, [TEST_FILES / "CT_small.dcm"], "CLOUDSCP")
+    assert result.returncode == 0, result.output
+    after = direct("listener"), direct("target")
+    assert after[0][0] == before[0][0] + 1  # the edge's listener
+    assert after[1][1] == before[1][1] + 1  # the cloud's target
+
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root C-FIND
+    assoc = ae.associate("127.0.0.1", relay.port, ae_title="CLOUDSCP")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert (direct("listener"), direct("target")) == after

@@ -517,6 +517,10 @@ class AgentConfig(_Strict):
     # Every relayed DIMSE message crosses several such loops: shorter is faster, at the cost
     # of more wake-ups per open association.
     dimse_poll_interval_s: float = Field(default=0.0002, ge=0.00005, le=0.01)
+    # Associations that only use C-ECHO and C-STORE (Verification and storage contexts, no
+    # role selection, no DICOM TLS) are served on the agent's asyncio loop without pynetdicom
+    # (direct_listener.py, direct_target.py); false: pynetdicom serves every association.
+    direct_dimse: bool = True
 
     @field_validator("move_destinations")
     @classmethod

@@ -122,6 +122,9 @@ class RequestHeader(_Header):
     # Set on the C-STORE sub-operation instances a target streams back during a C-GET or
     # C-MOVE: the op_id of that retrieve request.
     parent_op_id: int | None = Field(default=None, ge=0)
+    # The dataset follows in CHUNKs as the sender receives it from its SCU, its length not
+    # yet known: dataset_length is then 0 and the final CHUNK carries the length.
+    streamed: bool | None = None
 
 
 class ChunkHeader(_Header):
@@ -130,6 +133,8 @@ class ChunkHeader(_Header):
     offset: int = Field(ge=0)
     final: bool = False
     digest: str | None = Field(default=None, max_length=128, description="sha256 of the dataset")
+    # Final chunk of a streamed REQUEST: the length of the whole dataset.
+    dataset_length: int | None = Field(default=None, ge=0)
 
 
 class AckHeader(_Header):

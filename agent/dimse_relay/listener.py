@@ -30,6 +30,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse_relay import envelope, metrics, statuses
 from dimse_relay.config import AgentConfig, ListenerConfig
@@ -44,6 +45,7 @@ from dimse_relay.dicom import (
     proposals_from_primitive,
     request_command,
 )
+from dimse_relay.direct_listener import DirectGroup
 from dimse_relay.envelope import (
     CancelHeader,
     ContextProposal,
@@ -138,6 +140,9 @@ class ListenerServer:
         self._stopping = threading.Event()
         self.retrieve_dir = agent_cfg.work_dir / "retrieved"
         self.retrieve_dir.mkdir(exist_ok=True, mode=0o700)
+        self.incoming_dir = agent_cfg.work_dir / "incoming"
+        self.incoming_dir.mkdir(exist_ok=True, mode=0o700)
+        self._direct_tasks: set[Any] = set()
         self._relayed: dict[int, RelayedAssociation] = {}
         # Queued listeners: what the real target accepted, per (listener, calling AET,
         # proposal), used while the far side cannot be asked.
@@ -171,12 +176,25 @@ class ListenerServer:
                 (evt.EVT_ABORTED, self._on_closed, ["abort"]),
                 (evt.EVT_CONN_CLOSE, self._on_closed, ["abort"]),
             ]
-            server = ae.start_server(
-                (bind, port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=dimse_tls_context(first.tls) if first.tls else None,
+            group = None
+            if self.agent_cfg.direct_dimse and first.tls is None:
+                group = DirectGroup(self, by_aet, ae.maximum_associations)
+            server = cast(
+                RelayAssociationServer,
+                ae.make_server(
+                    (bind, port),
+                    evt_handlers=handlers,
+                    ssl_context=dimse_tls_context(first.tls) if first.tls else None,
+                    server_class=RelayAssociationServer,
+                ),
             )
+            server.direct = group
+            if group is not None:
+                group.pynetdicom_server = server
+            ae._servers.append(server)
+            threading.Thread(
+                target=server.serve_forever, name=f"listener-{port}", daemon=True
+            ).start()
             self.servers.append(server)
             LOG.info(
                 "listener bound",
@@ -190,6 +208,12 @@ class ListenerServer:
         threading.Thread(
             target=self._sweep_dead_associations, name="listener-sweeper", daemon=True
         ).start()
+
+    def track_direct(self, coro: Any) -> None:
+        """(loop) Run ``coro`` in the background, keeping a reference until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._direct_tasks.add(task)
+        task.add_done_callback(self._direct_tasks.discard)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -816,6 +840,23 @@ class ListenerServer:
                 dead = [k for k, r in self._relayed.items() if not r.assoc.is_alive()]
             for key in dead:
                 self._close(key, "abort")
+
+
+class RelayAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, except that a connection whose association only needs
+    C-ECHO and C-STORE is handed to the direct path (direct_listener.py) before pynetdicom
+    reads from it."""
+
+    direct: DirectGroup | None = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.direct is not None:
+            try:
+                if self.direct.divert(request):
+                    return
+            except Exception:
+                LOG.exception("direct path refused a connection; pynetdicom serves it")
+        super().process_request_thread(request, client_address)
 
 
 def _took_no_context(result: OpenResultHeader) -> bool:

@@ -13,6 +13,13 @@ ASSOCIATIONS = Counter(
     ["role", "result"],
     registry=REGISTRY,
 )
+DIRECT_ASSOCIATIONS = Counter(
+    "dimse_relay_direct_associations",
+    "Associations served on the agent's asyncio loop without pynetdicom (C-ECHO/C-STORE "
+    "only), by role (listener/target)",
+    ["role"],
+    registry=REGISTRY,
+)
 REQUESTS = Counter(
     "dimse_relay_requests",
     "DIMSE requests relayed, by role, service and status class of the response",

@@ -271,11 +271,15 @@ class EdgeQueue:
         used = self.stats.bytes + self.stats.object_bytes
         return used + length <= self.cfg.max_bytes and self.stats.depth < self.cfg.max_items
 
+    def inline_limit(self) -> int:
+        """Largest dataset sent inline in its queue message (larger ones go to the bucket)."""
+        return min(self.cfg.inline_max_bytes, self._payload_room())
+
     async def enqueue(
         self,
         header: QueuedHeader,
         command: bytes,
-        path: Path,
+        path: Path | bytes,
         offset: int,
     ) -> Enqueued:
         """Durably queue one instance; returns once JetStream confirmed the queue message.
@@ -290,7 +294,7 @@ class EdgeQueue:
         self,
         header: QueuedHeader,
         command: bytes,
-        path: Path,
+        path: Path | bytes,
         offset: int,
     ) -> Enqueued:
         if not self.transport.connected:
@@ -307,10 +311,15 @@ class EdgeQueue:
         body: bytes | bytearray = command
         dedupe = dedupe_id(header.called_ae_title, header.sop_instance_uid, header.digest)
         reused = False
-        if header.dataset_length <= min(self.cfg.inline_max_bytes, self._payload_room()):
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                body = command + fh.read(header.dataset_length)
+        if header.dataset_length <= self.inline_limit():
+            if isinstance(path, bytes):  # the direct listener's dataset, held in memory
+                body = command + path[offset : offset + header.dataset_length]
+            else:
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    body = command + fh.read(header.dataset_length)
+        elif isinstance(path, bytes):
+            raise QueueUnavailable("a dataset for the bucket must come from a file")
         else:
             name, reused = await self._put_object(header, dedupe, path, offset)
             header = header.model_copy(update={"object_name": name})

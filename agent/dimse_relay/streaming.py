@@ -194,7 +194,9 @@ class SpooledDataset:
         """Why ``chunk`` cannot be the next one (a metric reason), or None."""
         if chunk.seq != self.next_seq or chunk.offset != self.received:
             return "out_of_order"
-        if self.received + size > self.request.dataset_length or size > envelope.MAX_CHUNK:
+        if size > envelope.MAX_CHUNK:
+            return "oversized"
+        if not self.request.streamed and self.received + size > self.request.dataset_length:
             return "oversized"
         return None
 
@@ -210,8 +212,9 @@ class SpooledDataset:
         self.next_seq += 1
         return None
 
-    def finish(self, digest: str | None) -> str | None:
-        """Close the file; a metric reason if length or digest are wrong (then discarded)."""
+    def finish(self, digest: str | None, total: int | None = None) -> str | None:
+        """Close the file; a metric reason if length or digest are wrong (then discarded).
+        ``total``: the length a streamed request's final chunk announced."""
         try:
             self._fh.close()
         except OSError:
@@ -219,7 +222,8 @@ class SpooledDataset:
         if self._io_error:
             self.discard()
             return "io_error"
-        if self.received != self.request.dataset_length:
+        expected = total if self.request.streamed else self.request.dataset_length
+        if self.received != expected:
             self.discard()
             return "length_mismatch"
         if digest != self._digest.hexdigest():

@@ -37,7 +37,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dimse_relay import command_set, envelope, metrics, sinks, subjects
+from dimse_relay import command_set, direct_target, envelope, metrics, sinks, subjects, upper_layer
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     SOCKET_HANDLERS,
@@ -66,6 +66,7 @@ from dimse_relay.envelope import (
 from dimse_relay.move_contexts import moved_sop_classes, storage_contexts
 from dimse_relay.streaming import SpooledDataset, await_response, send_dataset
 from dimse_relay.transport import NatsTransport
+from dimse_relay.upper_layer import ULError
 
 LOG = logging.getLogger("dimse_relay.target")
 
@@ -119,6 +120,10 @@ class TargetSession:
         self.log_extra = {"assoc_id": open_hdr.assoc_id, "target": cfg.ae_title}
         # kind filesystem/dicomweb: this agent is the SCP and the sink stores the instances.
         self.sink: sinks.Sink | None = server.sinks.get(cfg.ae_title)
+        # The direct path (C-ECHO/C-STORE-only associations, direct_target.py) or None.
+        self.direct: direct_target.ScpAssociation | None = None
+        if self.sink is None and server.agent_cfg.direct_dimse and direct_target.eligible(open_hdr):
+            self.direct = direct_target.ScpAssociation(cfg, open_hdr)
 
     # -- sink targets: the agent answers the association itself ---------------------------
     def _accept_locally(self) -> OpenResultHeader:
@@ -310,6 +315,9 @@ class TargetSession:
         if hdr.command_length > len(body):
             metrics.WIRE_REJECTED.labels(reason="truncated").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "command set truncated")
+            return
+        if self.direct is not None:
+            await self._direct_request(hdr, body, reply)
             return
         try:
             command = decode_command(body[: hdr.command_length])
@@ -605,7 +613,7 @@ class TargetSession:
     async def _start_store(
         self, hdr: RequestHeader, command: Dataset, rest: memoryview, reply: str
     ) -> None:
-        if hdr.dataset_length < 0:
+        if hdr.dataset_length < 0 or (hdr.streamed and hdr.inline):
             metrics.WIRE_REJECTED.labels(reason="bad_request").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE request")
             return
@@ -626,7 +634,7 @@ class TargetSession:
         except Exception:
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE command set")
             return
-        if hdr.inline:
+        if hdr.inline and not hdr.streamed:
             if len(rest) != hdr.dataset_length:
                 up.discard()
                 metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
@@ -644,7 +652,7 @@ class TargetSession:
         memory: a non-empty dataset for a ``kind: scp`` target whose three UIDs are plain
         (what the spool file's File Meta would give back unchanged). None otherwise: the
         spool file route, with pydicom's checks and replies for unusual values."""
-        if not hdr.inline or self.sink is not None or hdr.dataset_length <= 0:
+        if not hdr.inline or hdr.streamed or self.sink is not None or hdr.dataset_length <= 0:
             return None
         try:
             values = (
@@ -683,6 +691,9 @@ class TargetSession:
         )
 
     async def _on_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
+        if self.direct is not None:
+            await self._direct_chunk(hdr, body, reply)
+            return
         up = self.uploads.get(hdr.op_id)
         if up is None:
             metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
@@ -699,14 +710,16 @@ class TargetSession:
             return
         if hdr.final:
             self.uploads.pop(hdr.op_id)
-            await self._finish_store(up, hdr.digest)
+            await self._finish_store(up, hdr.digest, hdr.dataset_length)
         elif reply:
             await self.server.transport.publish(
                 reply, envelope.encode(AckHeader(op_id=hdr.op_id, seq=hdr.seq))
             )
 
-    async def _finish_store(self, up: SpooledDataset, digest: str | None) -> None:
-        why = up.finish(digest)
+    async def _finish_store(
+        self, up: SpooledDataset, digest: str | None, total: int | None = None
+    ) -> None:
+        why = up.finish(digest, total)
         if why is not None:
             metrics.WIRE_REJECTED.labels(reason=why).inc()
             reason = "unavailable" if why == "io_error" else "protocol"
@@ -757,6 +770,133 @@ class TargetSession:
         task = asyncio.ensure_future(run())
         self.server.track(task)
 
+    # -- the direct path (direct_target.py): C-ECHO and C-STORE on the loop ---------------
+    async def _direct_request(self, hdr: RequestHeader, body: memoryview, reply: str) -> None:
+        direct = self.direct
+        assert direct is not None
+        try:
+            command = upper_layer.parse_command(bytes(body[: hdr.command_length]))
+        except ULError:
+            metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "command set undecodable")
+            return
+        if direct.upload is not None:
+            # A new request while a dataset was on its way: its SCU gave up. If the SCP holds
+            # part of that dataset, which must never be completed, the association ends.
+            stale, direct.upload = direct.upload, None
+            if stale.command_sent:
+                LOG.warning("unfinished upload abandoned; aborting", extra=self.log_extra)
+                direct.abort()
+        if not direct.usable:
+            await self._reply_error(
+                reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
+            )
+            return
+        if hdr.service not in ("C-ECHO", "C-STORE"):
+            await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not negotiated")
+            return
+        context_id = direct.context_for(hdr.abstract_syntax, hdr.transfer_syntax)
+        if context_id is None:
+            await self._reply_error(
+                reply, hdr.op_id, "protocol", "no accepted presentation context for the request"
+            )
+            return
+        raw = upper_layer.encode_elements(command.elements)  # the group length made right
+        if hdr.service == "C-ECHO":
+            direct.send_command(context_id, raw)
+            self._direct_respond(hdr, reply)
+            return
+        if hdr.dataset_length < 0 or (hdr.streamed and hdr.inline):
+            metrics.WIRE_REJECTED.labels(reason="bad_request").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE request")
+            return
+        if not hdr.inline:
+            direct.start_upload(hdr, reply, context_id, raw)
+            return
+        data = body[hdr.command_length :]
+        if len(data) != hdr.dataset_length:
+            metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
+            return
+        metrics.BYTES.labels(direction="received").inc(len(data))
+        if hdr.digest != hashlib.sha256(data).hexdigest():
+            metrics.WIRE_REJECTED.labels(reason="bad_digest").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "dataset bad_digest")
+            return
+        try:
+            direct.send_command(context_id, raw)
+            await direct.send_data(context_id, data, last=True)
+        except direct_target.TargetGone:
+            pass  # the response wait reports it
+        self._direct_respond(hdr, reply)
+
+    async def _direct_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
+        direct = self.direct
+        assert direct is not None
+        up = direct.upload
+        if up is None or up.request.op_id != hdr.op_id:
+            metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
+            await self._reply_error(reply, hdr.op_id, "protocol", "chunk for unknown operation")
+            return
+        try:
+            why = await direct.add_chunk(hdr, body)
+            if why is None and hdr.final:
+                why = direct.check_final(hdr)
+                if why is not None:
+                    why = f"dataset {why}"
+                else:
+                    await direct.finish_upload()
+            elif why is not None:
+                why = f"chunk {why}"
+        except direct_target.TargetGone:
+            direct.upload = None
+            await self._reply_error(
+                up.reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
+            )
+            return
+        if why is not None:
+            metrics.WIRE_REJECTED.labels(reason=why.split()[-1]).inc()
+            LOG.warning("chunk rejected", extra={**self.log_extra, "why": why})
+            direct.upload = None
+            if up.command_sent:
+                direct.abort()  # the SCP holds part of it and must never complete it
+            await self._reply_error(up.reply, hdr.op_id, "protocol", why)
+            return
+        if hdr.final:
+            self._direct_respond(up.request, up.reply)
+        elif reply:
+            await self.server.transport.publish(
+                reply, envelope.encode(AckHeader(op_id=hdr.op_id, seq=hdr.seq))
+            )
+
+    def _direct_respond(self, hdr: RequestHeader, reply: str) -> None:
+        """Publish the SCP's response to the request just sent, when it comes."""
+        direct = self.direct
+        assert direct is not None
+
+        async def respond() -> None:
+            self.busy += 1
+            try:
+                elements = await direct.response()
+            except direct_target.TargetGone:
+                metrics.REQUESTS.labels(role="target", service=hdr.service, status="none").inc()
+                await self._reply_error(
+                    reply, hdr.op_id, "target_unreachable", "no response from the target SCP"
+                )
+                return
+            finally:
+                self.busy -= 1
+                self.last_activity = time.monotonic()
+            metrics.REQUESTS.labels(
+                role="target", service=hdr.service, status=direct_target.status_class(elements)
+            ).inc()
+            raw = upper_layer.status_body(elements)
+            out = ResponseHeader(op_id=hdr.op_id, final=True, command_length=len(raw))
+            with contextlib.suppress(Exception):
+                await self.server.transport.publish(reply, envelope.encode(out, raw))
+
+        self.server.track(asyncio.ensure_future(respond()))
+
     async def close(self, mode: str) -> None:
         if self.closed:
             return
@@ -769,6 +909,12 @@ class TargetSession:
         for up in self.uploads.values():
             up.discard()
         self.uploads.clear()
+        if self.direct is not None:
+            # A dataset still on its way must never be completed: abort, not release.
+            if mode == "abort" or self.direct.upload is not None:
+                self.direct.abort()
+            else:
+                await self.direct.release()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
             await loop.run_in_executor(self.worker, self._release, mode)
@@ -860,12 +1006,17 @@ class TargetServer:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            associate = session._accept_locally if session.sink else session._associate
-            result = await loop.run_in_executor(session.worker, associate)
+            if session.direct is not None:
+                result = await session.direct.open(hdr.assoc_id, session.subject)
+            else:
+                associate = session._accept_locally if session.sink else session._associate
+                result = await loop.run_in_executor(session.worker, associate)
             if time.monotonic() - started > hdr.timeout_s:
                 # The listener has given up waiting; nobody will use or close this association.
                 metrics.ASSOCIATIONS.labels(role="target", result="too_late").inc()
                 result = OpenResultHeader(assoc_id=hdr.assoc_id, result="failed", failure="timeout")
+                if session.direct is not None:
+                    session.direct.abort()
         except Exception as exc:
             LOG.warning(
                 "association with target failed",
