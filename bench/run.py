@@ -133,6 +133,7 @@ class Bench:
         self.work = work
         self.params = params
         self.stack = contextlib.ExitStack()
+        self.only: set[str] = set()
         self.pki: TestPKI | None = None
         self.nats: NatsServer | None = None
         self.scp: DcmtkStoreSCP | None = None
@@ -965,15 +966,18 @@ class Bench:
             port = self.start_relay("main")
             # Each section starts with the page cache written back: the previous one's
             # (or an earlier test run's) deleted GiBs must not slow its file system calls.
-            for section in (
-                lambda: self.bench_echo(port),
-                lambda: self.bench_small(port),
-                lambda: self.bench_large(port),
-                self.stop_relay,
-                self.bench_queued,
-                self.bench_qr,
-                self.bench_rss,
-            ):
+            sections = {
+                "echo": lambda: self.bench_echo(port),
+                "small": lambda: self.bench_small(port),
+                "large": lambda: self.bench_large(port),
+                "stop": self.stop_relay,
+                "queued": self.bench_queued,
+                "qr": self.bench_qr,
+                "rss": self.bench_rss,
+            }
+            for name, section in sections.items():
+                if self.only and name not in self.only and name != "stop":
+                    continue
                 os.sync()
                 section()
 
@@ -1053,11 +1057,13 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_results(doc: dict[str, Any], stamp: str) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+def write_results(doc: dict[str, Any], stamp: str, partial: bool) -> Path:
+    """A partial run (--only) goes to results/partial/ and never replaces latest.json."""
+    directory = RESULTS / "partial" if partial else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(doc, indent=2) + "\n"
-    out = RESULTS / f"{stamp}.json"
-    for path in (out, RESULTS / "latest.json"):
+    out = directory / f"{stamp}.json"
+    for path in (out,) if partial else (out, RESULTS / "latest.json"):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -1069,6 +1075,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--strict", action="store_true", help="exit 3 if a target is missed")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["echo", "small", "large", "queued", "qr", "rss"],
+        help="run only these sections (repeatable; for development: the table is partial)",
+    )
     parser.add_argument(
         "--work-root",
         type=Path,
@@ -1084,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dimse-relay-bench-", dir=args.work_root))
     log(f"work dir {work} ({'quick' if args.quick else 'full'} run: {params})")
     bench = Bench(work, params)
+    bench.only = set(args.only or ())
     errors: list[str] = []
     try:
         bench.run()
@@ -1100,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "timestamp": now.isoformat(timespec="seconds"),
         "quick": args.quick,
+        "only": sorted(bench.only),
         "params": params,
         "correct": not errors,
         "errors": errors,
@@ -1109,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in bench.rows],
         **bench.extra,
     }
-    out = write_results(doc, stamp)
+    out = write_results(doc, stamp, partial=bool(bench.only))
     print()
     print(table(bench.rows))
     print(f"\nruntime {runtime:.0f} s; results in {out.relative_to(REPO)} and latest.json")

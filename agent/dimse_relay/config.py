@@ -483,6 +483,11 @@ class QueueConfig(_Strict):
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     concurrency: int = Field(default=4, ge=1, le=64)
+    # Ingest first: while a queued listener wrote to the queue less than this long ago, the
+    # deliverer starts no new deliveries (the modality's C-STOREs get the machine), except
+    # one fetch per ingest_defer_max_s; 0 turns this off (docs/queued-mode.md).
+    ingest_quiet_s: float = Field(default=0.25, ge=0, le=10)
+    ingest_defer_max_s: float = Field(default=1.0, gt=0, le=60)
     ack_wait_s: float = Field(default=60.0, ge=5)
     write_timeout_s: float = Field(default=30.0, gt=0)
     stats_interval_s: float = Field(default=5.0, gt=0)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,7 @@ class Deliverer:
             if free <= 0:
                 await asyncio.wait(set(mine), return_when=asyncio.FIRST_COMPLETED)
                 continue
+            await self._yield_to_ingest()
             try:
                 msgs = await psub.fetch(free, timeout=2.0)
             except TimeoutError:
@@ -183,6 +185,21 @@ class Deliverer:
                 task = asyncio.ensure_future(self._deliver(msg))
                 mine.add(task)
                 task.add_done_callback(mine.discard)
+
+    async def _yield_to_ingest(self) -> None:
+        """Wait while the queued listeners are writing (queue.ingest_quiet_s), at most
+        queue.ingest_defer_max_s: on a small machine, deliveries running beside a modality's
+        C-STOREs slow its acknowledgements down; once it pauses, they catch up."""
+        quiet = self.qcfg.ingest_quiet_s
+        if quiet <= 0:
+            return
+        deadline = time.monotonic() + self.qcfg.ingest_defer_max_s
+        while not self._stopping:
+            now = time.monotonic()
+            wait = min(self.queue.last_write + quiet, deadline) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     # -- one item --------------------------------------------------------------------------
     async def _deliver(self, msg: Msg) -> None:

@@ -154,6 +154,7 @@ class EdgeQueue:
         self._objects: ObjectStore | None = None
         self._writes: dict[str, asyncio.Future[api.ObjectInfo]] = {}
         self.stats = QueueStats()
+        self.last_write = 0.0  # time.monotonic() of the latest enqueue (ingest priority)
 
     # -- JetStream assets ------------------------------------------------------------------
     def js(self) -> JetStreamContext:
@@ -286,6 +287,7 @@ class EdgeQueue:
 
         A caller that gives up (its time budget) does not cut the write short: it runs to its
         own end, so no half-written object is left behind by a cancellation."""
+        self.last_write = time.monotonic()
         task = asyncio.ensure_future(self._enqueue(header, command, path, offset))
         task.add_done_callback(_consume_result)
         return await asyncio.shield(task)
