@@ -78,7 +78,7 @@ class NATSConfig(_Strict):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_wait_s: float = Field(default=1.0, gt=0)
     max_reconnect_wait_s: float = Field(default=30.0, gt=0)
-    chunk_size: int = Field(default=256 * 1024, ge=4096, le=8 * 1024 * 1024)
+    chunk_size: int = Field(default=1024 * 1024, ge=4096, le=8 * 1024 * 1024)
     window_chunks: int = Field(default=8, ge=1, le=256)
 
     @field_validator("servers")

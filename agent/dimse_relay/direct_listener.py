@@ -663,7 +663,11 @@ class DatasetStream:
         self.transport = assoc.transport
         self.chunk_size = assoc.transport.chunk_size
         self.window = assoc.server.nats_cfg.window_chunks
-        self.buffer = bytearray()
+        self.pieces: list[memoryview] = []  # before the first chunk: all that came so far
+        self.pending = 0
+        # The newest piece, sent when the next one (or the end) is there: the final CHUNK is
+        # never empty. Small pieces are gathered into one bytearray up to the chunk size.
+        self.held: memoryview | bytearray | None = None
         self.digest = hashlib.sha256()
         self.length = 0
         self.failure: RelayError | None = None
@@ -680,18 +684,40 @@ class DatasetStream:
         self.length += len(data)
         if self.failure is not None:
             return
-        self.buffer += data
         try:
-            if self.request is None and len(self.buffer) > self.chunk_size:
+            if self.request is None:
+                self.pieces.append(data)
+                self.pending += len(data)
+                if self.pending <= self.chunk_size:
+                    return  # may still end within one chunk: inline (finish)
                 await self._begin()
-            if self.request is not None:
-                while len(self.buffer) > self.chunk_size:
-                    await self._chunk(self.chunk_size, final=False)
-                if last:
-                    await self._chunk(len(self.buffer), final=True)
+                pieces, self.pieces = self.pieces, []
+                for piece in pieces:
+                    await self._put(piece)
+            else:
+                await self._put(data)
+            if last and self.held is not None:
+                held, self.held = self.held, None
+                await self._chunk(held, final=True)
         except RelayError as exc:
             self.failure = exc
-            self.buffer = bytearray()
+            self.pieces, self.held = [], None
+
+    async def _put(self, data: memoryview) -> None:
+        """Queue ``data`` for sending in pieces of at most one chunk, without copying what
+        comes in large fragments (an SCU sending 1 MiB PDUs)."""
+        size = self.chunk_size
+        for pos in range(0, len(data), size):
+            piece = data[pos : pos + size]
+            held = self.held
+            if held is not None and len(held) + len(piece) <= size:
+                if not isinstance(held, bytearray):
+                    held = self.held = bytearray(held)
+                held += piece
+                continue
+            if held is not None:
+                await self._chunk(held, final=False)
+            self.held = piece
 
     def _header(self, **update: Any) -> RequestHeader:
         return RequestHeader(
@@ -711,12 +737,10 @@ class DatasetStream:
             self.subject, envelope.encode(self.request, self.command.raw), self.inbox
         )
 
-    async def _chunk(self, size: int, final: bool) -> None:
+    async def _chunk(self, data: memoryview | bytearray, final: bool) -> None:
         assert self.request is not None and self.replies is not None
         while self.in_flight >= self.window and not final:
             await self._ack()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
         chunk = ChunkHeader(
             op_id=self.request.op_id,
             seq=self.seq,
@@ -746,7 +770,7 @@ class DatasetStream:
             if self.failure is not None:
                 raise self.failure
             if self.request is None:  # it all fits one chunk: inline, as the pynetdicom path
-                data = bytes(self.buffer)
+                data = b"".join(self.pieces)
                 hdr = self._header(
                     dataset_length=len(data),
                     inline=True,

@@ -61,7 +61,9 @@ class Upload:
     command_sent: bool = False  # nothing reaches the SCP before the first chunk is checked
     next_seq: int = 0
     received: int = 0
-    held: bytes | None = None  # the newest chunk: sent once the next one (or the check) is in
+    # The newest chunk (a view of its NATS message): sent once the next one, or the check of
+    # the whole data set, is in.
+    held: memoryview | None = None
     digest: Any = field(default_factory=hashlib.sha256)
 
 
@@ -338,7 +340,7 @@ class ScpAssociation:
         up.received += len(data)
         up.next_seq += 1
         metrics.BYTES.labels(direction="received").inc(len(data))
-        previous, up.held = up.held, bytes(data)
+        previous, up.held = up.held, data
         if previous is not None:
             self._send_upload_command(up)
             await self.send_data(up.context_id, previous, last=False)

@@ -210,7 +210,7 @@ _MODELS: dict[Kind, type[BaseModel]] = {
 _KINDS: dict[type[BaseModel], Kind] = {model: kind for kind, model in _MODELS.items()}
 
 
-def encode(header: HeaderModel, body: bytes | memoryview = b"") -> bytes:
+def encode(header: HeaderModel, body: bytes | bytearray | memoryview = b"") -> bytes:
     """Serialise one envelope."""
     kind = _KINDS[type(header)]
     raw = header.model_dump_json(exclude_none=True).encode("utf-8")
