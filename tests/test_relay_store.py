@@ -3,6 +3,7 @@ pynetdicom as the modality and as the target SCPs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -317,3 +318,33 @@ def test_storage_associations_take_the_direct_path(relay: Relay, tmp_path: Path)
     finally:
         assoc.release()
     assert (direct("listener"), direct("target")) == after
+
+
+def test_scu_announcing_a_tiny_maximum_pdu_is_served_and_harmless(relay: Relay) -> None:
+    """An SCU whose A-ASSOCIATE-RQ announces a maximum PDU length of 6 bytes (no room for a
+    single PDV) is left to pynetdicom rather than the direct path, which could not fragment
+    a response for it; the agent keeps serving everyone else."""
+    import socket
+
+    from dimse_relay import upper_layer as ul
+
+    before = relay.edge.metric("dimse_relay_direct_associations_total", role="listener")
+    rq = ul.associate_rq_pdu(
+        "TINY",
+        "CLOUDSCP",
+        [ul.ProposedContext(1, "1.2.840.10008.1.1", [EXPLICIT_VR_LE])],
+        6,
+        "1.2.3",
+    )
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(rq)
+        head = sock.recv(6)
+        assert head[:1] in (b"\x02", b"\x03", b"\x07"), head  # AC, RJ or abort: an answer
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+    assert relay.edge.metric("dimse_relay_direct_associations_total", role="listener") == before
+    status, _ = pynetdicom_echo(relay.port, "CLOUDSCP")
+    assert status == 0
+    assert relay.edge.proc.poll() is None

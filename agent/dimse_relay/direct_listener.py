@@ -105,9 +105,11 @@ def peek_associate_rq(sock: socket.socket, timeout_s: float) -> Any | None:
 
 
 def direct_eligible(prim: Any) -> bool:
-    """C-ECHO/C-STORE contexts only, and no SCP/SCU role selection."""
+    """C-ECHO/C-STORE contexts only, no SCP/SCU role selection, a usable maximum PDU."""
     contexts = prim.presentation_context_definition_list
     if not contexts:
+        return False
+    if 0 < int(prim.maximum_length_received or 0) < upper_layer.MIN_PEER_PDU:
         return False
     if any(isinstance(i, SCP_SCU_RoleSelectionNegotiation) for i in prim.user_information):
         return False
@@ -153,13 +155,11 @@ class DirectAssociation:
         lcfg: ListenerConfig,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        group: DirectGroup,
     ):
         self.server = server
         self.lcfg = lcfg
         self.reader = reader
         self.writer = writer
-        self.group = group
         self.transport = server.transport
         self.assoc_id = uuid.uuid4().hex[:16]
         self.log_extra: dict[str, Any] = {"assoc_id": self.assoc_id, "listener": lcfg.ae_title}
@@ -454,19 +454,27 @@ class DirectAssociation:
         self.op_counter += 1
         return self.op_counter
 
-    async def _relayed(self, service: str, run: Any) -> dict[int, bytes]:
-        """Run one relayed request: its status elements, or the relay's failure status."""
+    async def _relayed(
+        self, service: str, run: Any, stream: DatasetStream | None = None
+    ) -> dict[int, bytes]:
+        """Run one relayed request: its status elements, or the relay's failure status
+        (never an abort, never Success without the target's own)."""
         started = time.monotonic()
         try:
-            subject = await self._ensure_session()
+            if stream is not None and stream.failure is not None:
+                raise stream.failure  # already failed on the way: no second OPEN
+            subject = stream.subject if stream and stream.subject else await self._ensure_session()
             elements: dict[int, bytes] = await run(subject)
         except RelayError as exc:
             LOG.warning(
                 "relay failed", extra={**self.log_extra, "service": service, "why": str(exc)}
             )
             elements = failure_elements(service, exc.failure)
+            streamed = stream is not None and stream.request is not None
             if self.session_subject and (
-                exc.failure is statuses.FAR_SIDE_TIMEOUT or exc.failure.reason == "protocol"
+                streamed
+                or exc.failure is statuses.FAR_SIDE_TIMEOUT
+                or exc.failure.reason == "protocol"
             ):
                 # The far session may be gone (its agent died) or hold half an upload: the
                 # next request opens a new one rather than waiting out the timeout again.
@@ -474,6 +482,13 @@ class DirectAssociation:
                     "far session lost; the next request opens a new one", extra=self.log_extra
                 )
                 self._end_session("abort")
+        except Exception as exc:  # a bug: a failure status, never a false Success or an abort
+            LOG.error(
+                "relay error",
+                extra={**self.log_extra, "service": service, "error": type(exc).__name__},
+            )
+            elements = failure_elements(service, statuses.PROTOCOL_ERROR)
+            self._end_session("abort")
         status = upper_layer.status_of(elements)
         metrics.LATENCY.labels(service=service).observe(time.monotonic() - started)
         metrics.REQUESTS.labels(
@@ -544,48 +559,63 @@ class DirectAssociation:
         except BaseException:
             stream.abandon()
             raise
-        return await self._relayed("C-STORE", stream.finish)
+        return await self._relayed("C-STORE", stream.finish, stream)
 
     async def _queue_store(self, context_id: int, command: Command) -> dict[int, bytes]:
-        """Queued mode: Success once the instance is durably in the edge queue."""
+        """Queued mode: Success once the instance is durably in the edge queue. Whatever
+        fails on the way (NATS down, disk full), the rest of the data set is still read, so
+        the SCU gets the failure status as the answer to its complete request."""
         abstract, transfer = self._context(context_id)
         started = time.monotonic()
-        queue = self.server.queue
-        limit = queue.inline_limit() if queue is not None else 0
+        loop = asyncio.get_running_loop()
         memory = bytearray()
         spool: Any = None
         path: Path | None = None
         digest = hashlib.sha256()
         length = 0
+        failed: dict[int, bytes] | None = None
         try:
+            try:
+                queue = self.server.queue
+                limit = queue.inline_limit() if queue is not None else 0
+            except Exception:  # NATS not connected: the server's max_payload is unknown
+                limit = 0
+                metrics.QUEUE_REFUSED.labels(reason="unavailable").inc()
+                failed = failure_elements("C-STORE", statuses.QUEUE_UNAVAILABLE)
             async for data, _last in self._fragments(context_id):
+                if failed is not None:
+                    continue
                 digest.update(data)
                 length += len(data)
-                if spool is None and length <= limit:
-                    memory += data
-                    continue
-                if spool is None:
-                    fd, name = tempfile.mkstemp(
-                        prefix="queued-", suffix=".raw", dir=self.server.incoming_dir
-                    )
-                    path = Path(name)
-                    spool = os.fdopen(fd, "wb")
-                    spool.write(memory)
-                    memory = bytearray()
-                spool.write(data)
-            if spool is not None:
-                spool.close()
-            elements = await self._enqueue(
-                command,
-                abstract,
-                transfer,
-                bytes(memory) if path is None else path,
-                length,
-                digest.hexdigest(),
-            )
-        except OSError:
-            metrics.QUEUE_REFUSED.labels(reason="unavailable").inc()
-            elements = failure_elements("C-STORE", statuses.QUEUE_UNAVAILABLE)
+                try:
+                    if spool is None and length <= limit:
+                        memory += data
+                        continue
+                    if spool is None:
+                        fd, name = tempfile.mkstemp(
+                            prefix="queued-", suffix=".raw", dir=self.server.incoming_dir
+                        )
+                        path = Path(name)
+                        spool = os.fdopen(fd, "wb")
+                        await loop.run_in_executor(None, spool.write, bytes(memory))
+                        memory = bytearray()
+                    await loop.run_in_executor(None, spool.write, bytes(data))
+                except OSError:
+                    metrics.QUEUE_REFUSED.labels(reason="unavailable").inc()
+                    failed = failure_elements("C-STORE", statuses.QUEUE_UNAVAILABLE)
+            if spool is not None and failed is None:
+                try:
+                    await loop.run_in_executor(None, spool.close)
+                except OSError:
+                    failed = failure_elements("C-STORE", statuses.QUEUE_UNAVAILABLE)
+            if failed is not None:
+                LOG.warning("edge queue unavailable; C-STORE refused", extra=self.log_extra)
+                elements = failed
+            else:
+                source = bytes(memory) if path is None else path
+                elements = await self._enqueue(
+                    command, abstract, transfer, source, length, digest.hexdigest()
+                )
         finally:
             if spool is not None:
                 with contextlib.suppress(OSError):
@@ -846,6 +876,15 @@ class DirectGroup:
         self.active = 0
         self.pynetdicom_server: Any = None  # the port's pynetdicom server, for its count
 
+    def pynetdicom_active(self) -> int:
+        server = self.pynetdicom_server
+        return len(server.active_associations) if server is not None else 0
+
+    def pynetdicom_limit(self) -> int:
+        """What pynetdicom may still accept on this port: max_associations counts the direct
+        associations too."""
+        return max(0, self.limit - self.active)
+
     def divert(self, sock: socket.socket) -> bool:
         """(pynetdicom's connection thread) Take the connection if its association can go
         the direct way; False leaves it to pynetdicom, with nothing read from it."""
@@ -872,9 +911,12 @@ class DirectGroup:
             return
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        others = self.pynetdicom_server.active_associations if self.pynetdicom_server else []
-        if self.active + len(others) >= self.limit:
-            # pynetdicom's own answer when maximum_associations is reached.
+        if self.active + self.pynetdicom_active() >= self.limit:
+            # pynetdicom's own answer when maximum_associations is reached (after reading the
+            # request: closing with it unread would reset the connection instead).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await upper_layer.read_pdu(reader, upper_layer.MAX_ASSOCIATION_PDU)
             writer.write(upper_layer.associate_rj_pdu(0x02, 0x03, 0x02))
             with contextlib.suppress(Exception):
                 await writer.drain()
@@ -882,7 +924,7 @@ class DirectGroup:
             return
         self.active += 1
         try:
-            await DirectAssociation(self.server, lcfg, reader, writer, self).run()
+            await DirectAssociation(self.server, lcfg, reader, writer).run()
         finally:
             self.active -= 1
 

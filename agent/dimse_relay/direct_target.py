@@ -17,13 +17,13 @@ import contextlib
 import hashlib
 import logging
 import socket
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from dimse_relay import metrics, upper_layer
 from dimse_relay.config import TargetConfig
 from dimse_relay.envelope import (
+    MAX_CHUNK,
     ChunkHeader,
     ContextResult,
     OpenHeader,
@@ -58,13 +58,14 @@ class Upload:
     reply: str
     context_id: int
     command: bytes
+    message_id: bytes
     command_sent: bool = False  # nothing reaches the SCP before the first chunk is checked
     next_seq: int = 0
     received: int = 0
     # The newest chunk (a view of its NATS message): sent once the next one, or the check of
     # the whole data set, is in.
     held: memoryview | None = None
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
 
 class ScpAssociation:
@@ -80,7 +81,10 @@ class ScpAssociation:
         self.established = False
         self.gone = False
         self._reader_task: asyncio.Task[None] | None = None
+        # The one request outstanding at the SCP (no asynchronous operations are negotiated):
+        # its Message ID and the future its response resolves.
         self._response: asyncio.Future[dict[int, bytes]] | None = None
+        self._message_id = b""
         self._release: asyncio.Future[None] | None = None
         self._command = bytearray()
         self.upload: Upload | None = None
@@ -145,6 +149,10 @@ class ScpAssociation:
             metrics.ASSOCIATIONS.labels(role="target", result="failed").inc()
             return self._failed("target_unreachable", "target SCP sent an invalid A-ASSOCIATE-AC")
         self.peer_max_pdu = int(ac.maximum_length_received or 0)
+        if 0 < self.peer_max_pdu < upper_layer.MIN_PEER_PDU:
+            self.abort()
+            metrics.ASSOCIATIONS.labels(role="target", result="failed").inc()
+            return self._failed("target_unreachable", "target SCP announced a tiny maximum PDU")
         proposals = {p.id: p for p in hdr.contexts}
         accepted = []
         for cx in ac.presentation_context_definition_results_list:
@@ -205,6 +213,10 @@ class ScpAssociation:
             with contextlib.suppress(Exception):
                 self.writer.write(upper_layer.abort_pdu())
         self._lost("aborted")
+        if self.writer is not None:
+            # Not a graceful close: data the SCP stopped reading must not keep the socket.
+            with contextlib.suppress(Exception):
+                self.writer.transport.abort()
         if self._reader_task is not None:
             self._reader_task.cancel()
 
@@ -262,8 +274,10 @@ class ScpAssociation:
             if command.command_field not in (upper_layer.C_STORE_RSP, upper_layer.C_ECHO_RSP):
                 raise ULError("bad_command", "the SCP sent a request on a storage association")
             fut = self._response
-            if fut is not None and not fut.done():
-                fut.set_result(upper_layer.status_elements(command))
+            answered = command.elements.get(upper_layer.TAG_MESSAGE_ID_RESPONDED)
+            if fut is None or fut.done() or answered != self._message_id:
+                raise ULError("bad_command", "a response to no request of ours")
+            fut.set_result(upper_layer.status_elements(command))
 
     # -- operations ---------------------------------------------------------------------
     def context_for(self, abstract_syntax: str, transfer_syntax: str) -> int | None:
@@ -272,51 +286,74 @@ class ScpAssociation:
                 return cid
         return None
 
-    def _write(self, parts: Any) -> None:
+    def _write(self, parts: Iterable[bytes | memoryview]) -> None:
         if not self.usable or self.writer is None:
             raise TargetGone("association with the target SCP is gone")
         self.writer.writelines(parts)
 
     async def _drain(self) -> None:
+        """Wait until the SCP has taken what was written, at most timeouts.network_s: an SCP
+        that stops reading must not hold the session (and its NATS messages) forever."""
         assert self.writer is not None
         try:
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), self.cfg.timeouts.network_s)
+        except TimeoutError:
+            self.abort()
+            raise TargetGone("the target SCP stopped reading") from None
         except (OSError, ConnectionError) as exc:
             self._lost("connection lost")
             raise TargetGone("connection lost") from exc
 
-    def send_command(self, context_id: int, command: bytes) -> None:
-        self._response = asyncio.get_running_loop().create_future()
+    @property
+    def busy(self) -> bool:
+        """A request is outstanding at the SCP (its response has not come yet)."""
+        return self._response is not None and not self._response.done()
+
+    def send_command(self, context_id: int, command: bytes, message_id: bytes) -> None:
+        if self.busy:
+            raise TargetGone("a request is still outstanding at the target SCP")
+        self._response = None  # the previous one is answered; none until this one is written
         self._write(upper_layer.pdata_fragments(context_id, command, True, True, self.peer_max_pdu))
+        # No response can be read before the loop runs again: set up the wait only now.
+        self._response = asyncio.get_running_loop().create_future()
+        self._message_id = message_id
 
     async def send_data(self, context_id: int, data: bytes | memoryview, last: bool) -> None:
         self._write(upper_layer.pdata_fragments(context_id, data, False, last, self.peer_max_pdu))
         await self._drain()
 
-    async def response(self) -> dict[int, bytes]:
-        """The status elements of the SCP's response to the request just sent, within
-        timeouts.dimse_s (after which the association is aborted, as pynetdicom does)."""
-        fut = self._response
-        if fut is None:
+    def pending_response(self) -> asyncio.Future[dict[int, bytes]]:
+        """The future of the request just sent (send_command), for response()."""
+        if self._response is None:
             raise TargetGone("no request")
+        return self._response
+
+    async def response(self, fut: asyncio.Future[dict[int, bytes]]) -> dict[int, bytes]:
+        """The status elements of the SCP's response to that request, within
+        timeouts.dimse_s (after which the association is aborted, as pynetdicom does)."""
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.cfg.timeouts.dimse_s)
         except TimeoutError:
             self.abort()
             raise TargetGone("no response from the target SCP") from None
-        finally:
-            self._response = None
 
     # -- uploads ------------------------------------------------------------------------
     def start_upload(
-        self, request: RequestHeader, reply: str, context_id: int, command: bytes
+        self,
+        request: RequestHeader,
+        reply: str,
+        context_id: int,
+        command: bytes,
+        message_id: bytes,
     ) -> None:
-        self.upload = Upload(request, reply, context_id, command)
+        if self.busy:
+            raise TargetGone("a request is still outstanding at the target SCP")
+        self.upload = Upload(request, reply, context_id, command, message_id)
 
     def _send_upload_command(self, up: Upload) -> None:
         if not up.command_sent:
             up.command_sent = True
-            self.send_command(up.context_id, up.command)
+            self.send_command(up.context_id, up.command, up.message_id)
 
     async def finish_upload(self) -> None:
         """(after check_final) the held last part, completing the data set at the SCP."""
@@ -334,7 +371,7 @@ class ScpAssociation:
         if chunk.seq != up.next_seq or chunk.offset != up.received:
             return "out_of_order"
         limit = None if up.request.streamed else up.request.dataset_length
-        if len(data) > _MAX_CHUNK or (limit is not None and up.received + len(data) > limit):
+        if len(data) > MAX_CHUNK or (limit is not None and up.received + len(data) > limit):
             return "oversized"
         up.digest.update(data)
         up.received += len(data)
@@ -357,13 +394,6 @@ class ScpAssociation:
         return None
 
 
-_MAX_CHUNK = 8 * 1024 * 1024
-
-
 def status_class(elements: dict[int, bytes]) -> str:
     status = upper_layer.status_of(elements)
     return metrics.status_class(status) if status is not None else "none"
-
-
-def elapsed(started: float) -> float:
-    return time.monotonic() - started

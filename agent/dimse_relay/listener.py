@@ -856,6 +856,8 @@ class RelayAssociationServer(ThreadedAssociationServer):
                     return
             except Exception:
                 LOG.exception("direct path refused a connection; pynetdicom serves it")
+            # pynetdicom counts only its own associations against maximum_associations.
+            self.ae.maximum_associations = self.direct.pynetdicom_limit()
         super().process_request_thread(request, client_address)
 
 

@@ -792,6 +792,13 @@ class TargetSession:
                 reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
             )
             return
+        if direct.busy:
+            # The listener gave up on the previous request (its timeout) while the SCP still
+            # works on it: no second request on the association until that one is answered.
+            await self._reply_error(
+                reply, hdr.op_id, "protocol", "previous request still running at the target SCP"
+            )
+            return
         if hdr.service not in ("C-ECHO", "C-STORE"):
             await self._reply_error(reply, hdr.op_id, "protocol", f"{hdr.service} not negotiated")
             return
@@ -802,8 +809,9 @@ class TargetSession:
             )
             return
         raw = upper_layer.encode_elements(command.elements)  # the group length made right
+        message_id = command.elements.get(upper_layer.TAG_MESSAGE_ID, b"")
         if hdr.service == "C-ECHO":
-            direct.send_command(context_id, raw)
+            direct.send_command(context_id, raw, message_id)
             self._direct_respond(hdr, reply)
             return
         if hdr.dataset_length < 0 or (hdr.streamed and hdr.inline):
@@ -811,7 +819,7 @@ class TargetSession:
             await self._reply_error(reply, hdr.op_id, "protocol", "bad C-STORE request")
             return
         if not hdr.inline:
-            direct.start_upload(hdr, reply, context_id, raw)
+            direct.start_upload(hdr, reply, context_id, raw, message_id)
             return
         data = body[hdr.command_length :]
         if len(data) != hdr.dataset_length:
@@ -824,7 +832,7 @@ class TargetSession:
             await self._reply_error(reply, hdr.op_id, "protocol", "dataset bad_digest")
             return
         try:
-            direct.send_command(context_id, raw)
+            direct.send_command(context_id, raw, message_id)
             await direct.send_data(context_id, data, last=True)
         except direct_target.TargetGone:
             pass  # the response wait reports it
@@ -873,11 +881,16 @@ class TargetSession:
         """Publish the SCP's response to the request just sent, when it comes."""
         direct = self.direct
         assert direct is not None
+        try:
+            pending = direct.pending_response()
+        except direct_target.TargetGone:
+            pending = asyncio.get_running_loop().create_future()
+            pending.set_exception(direct_target.TargetGone("not sent"))
 
         async def respond() -> None:
             self.busy += 1
             try:
-                elements = await direct.response()
+                elements = await direct.response(pending)
             except direct_target.TargetGone:
                 metrics.REQUESTS.labels(role="target", service=hdr.service, status="none").inc()
                 await self._reply_error(

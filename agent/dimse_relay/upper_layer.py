@@ -42,6 +42,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 IMPLEMENTATION_VERSION = "DIMSE_RELAY_01"
 # Largest P-DATA-TF PDU this module sends, whatever the peer accepts (as the pynetdicom path).
 MAX_SEND_PDU = 1024 * 1024
+# Smallest maximum PDU length of a peer served the direct way.
+MIN_PEER_PDU = 1024
 # Largest association PDU accepted (an A-ASSOCIATE-RQ with every context and syntax is ~150 KiB).
 MAX_ASSOCIATION_PDU = 1024 * 1024
 
@@ -143,7 +145,9 @@ def pdata_fragments(
     """``data`` as P-DATA-TF PDUs of one PDV each, none longer than ``max_pdu`` (the peer's
     maximum length, 0 for unlimited, capped at MAX_SEND_PDU); the last PDV has the last
     fragment bit only if ``last``. Yields headers and payload slices to write in order."""
-    limit = min(max_pdu or MAX_SEND_PDU, MAX_SEND_PDU) - 6
+    # A peer announcing less than MIN_PEER_PDU is not served the direct way (the listener
+    # leaves it to pynetdicom, the target fails the OPEN); the floor keeps this finite anyway.
+    limit = max(min(max_pdu or MAX_SEND_PDU, MAX_SEND_PDU), MIN_PEER_PDU) - 6
     view = memoryview(data)
     total = len(view)
     pos = 0
@@ -355,17 +359,6 @@ def us(value: int) -> bytes:
 
 def uid(value: str) -> bytes:
     return _even(value.encode("ascii"), b"\0")
-
-
-def echo_rq(message_id: int) -> bytes:
-    return encode_elements(
-        {
-            TAG_AFFECTED_SOP_CLASS: uid(VERIFICATION),
-            TAG_COMMAND_FIELD: us(C_ECHO_RQ),
-            TAG_MESSAGE_ID: us(message_id),
-            TAG_DATA_SET_TYPE: us(NO_DATA_SET),
-        }
-    )
 
 
 def response(request: Command, status_elements: dict[int, bytes]) -> bytes:
