@@ -895,6 +895,8 @@ class DirectGroup:
         lcfg = self.by_aet.get(str(prim.called_ae_title).strip())
         if lcfg is None:
             return False  # pynetdicom rejects it as for any unknown called AE title
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = self.server.transport
         future = asyncio.run_coroutine_threadsafe(self._serve(sock, lcfg), transport.loop)
         future.add_done_callback(_consume)
@@ -909,8 +911,6 @@ class DirectGroup:
             with contextlib.suppress(OSError):
                 sock.close()
             return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.active + self.pynetdicom_active() >= self.limit:
             # pynetdicom's own answer when maximum_associations is reached (after reading the
             # request: closing with it unread would reset the connection instead).
