@@ -1,6 +1,10 @@
 # Shared settings for the dimse-relay lab scripts (sourced, not run).
 # shellcheck shell=bash
-set -euo pipefail
+# Strict mode for the lab scripts, not for an interactive shell that sources this file to use
+# lab_exec by hand (a failing command would otherwise close the terminal).
+if [[ $- != *i* ]]; then
+  set -euo pipefail
+fi
 
 LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$LAB_DIR/.." && pwd)

@@ -13,6 +13,7 @@ aborted instead). One operation runs at a time, as the listener relays them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -88,6 +89,9 @@ class ScpAssociation:
         self._release: asyncio.Future[None] | None = None
         self._command = bytearray()
         self.upload: Upload | None = None
+        # Uploads given up here (a bad chunk, the SCP gone): chunks of theirs still on the way
+        # are dropped quietly rather than counted as unknown operations.
+        self.abandoned: collections.deque[int] = collections.deque(maxlen=64)
 
     # -- association --------------------------------------------------------------------
     async def open(self, assoc_id: str, session_subject: str) -> OpenResultHeader:
@@ -207,6 +211,7 @@ class ScpAssociation:
         for fut in (self._response, self._release):
             if fut is not None and not fut.done():
                 fut.set_exception(TargetGone(why))
+                fut.exception()  # nobody may wait for it any more: not an "unretrieved" error
 
     def abort(self) -> None:
         if self.writer is not None and not self.gone:

@@ -357,6 +357,14 @@ class EdgeQueue:
             ):
                 await self.delete_object(header.object_name)
             metrics.QUEUE_DUPLICATES.inc()
+            LOG.info(
+                "same instance already taken within the duplicate window: acknowledged, "
+                "not queued again (queue.duplicate_window_s)",
+                extra={
+                    "still_queued": await self.still_queued(ack.seq),
+                    "sop_instance_uid": header.sop_instance_uid,
+                },
+            )
             return Enqueued(header.item_id, duplicate=True)
         self.stats.depth += 1
         self.stats.bytes += len(body)

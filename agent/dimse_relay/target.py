@@ -69,6 +69,8 @@ from dimse_relay.transport import NatsTransport
 from dimse_relay.upper_layer import ULError
 
 LOG = logging.getLogger("dimse_relay.target")
+# An upload without a chunk for this long has its listener probed (is its agent still there?).
+UPLOAD_PROBE_AFTER_S = 5.0
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -784,6 +786,7 @@ class TargetSession:
             # A new request while a dataset was on its way: its SCU gave up. If the SCP holds
             # part of that dataset, which must never be completed, the association ends.
             stale, direct.upload = direct.upload, None
+            direct.abandoned.append(stale.request.op_id)
             if stale.command_sent:
                 LOG.warning("unfinished upload abandoned; aborting", extra=self.log_extra)
                 direct.abort()
@@ -842,6 +845,8 @@ class TargetSession:
         direct = self.direct
         assert direct is not None
         up = direct.upload
+        if (up is None or up.request.op_id != hdr.op_id) and hdr.op_id in direct.abandoned:
+            return  # the rest of an upload already refused (its sender has been told)
         if up is None or up.request.op_id != hdr.op_id:
             metrics.WIRE_REJECTED.labels(reason="unknown_operation").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "chunk for unknown operation")
@@ -858,6 +863,7 @@ class TargetSession:
                 why = f"chunk {why}"
         except direct_target.TargetGone:
             direct.upload = None
+            direct.abandoned.append(hdr.op_id)
             await self._reply_error(
                 up.reply, hdr.op_id, "target_unreachable", "association with the target SCP is gone"
             )
@@ -866,6 +872,7 @@ class TargetSession:
             metrics.WIRE_REJECTED.labels(reason=why.split()[-1]).inc()
             LOG.warning("chunk rejected", extra={**self.log_extra, "why": why})
             direct.upload = None
+            direct.abandoned.append(hdr.op_id)
             if up.command_sent:
                 direct.abort()  # the SCP holds part of it and must never complete it
             await self._reply_error(up.reply, hdr.op_id, "protocol", why)
@@ -910,6 +917,14 @@ class TargetSession:
 
         self.server.track(asyncio.ensure_future(respond()))
 
+    def upload_reply(self) -> str | None:
+        """The listener's reply inbox of an upload in progress, if there is one."""
+        if self.direct is not None and self.direct.upload is not None:
+            return self.direct.upload.reply
+        for up in self.uploads.values():
+            return up.reply
+        return None
+
     async def close(self, mode: str) -> None:
         if self.closed:
             return
@@ -925,6 +940,7 @@ class TargetSession:
         if self.direct is not None:
             # A dataset still on its way must never be completed: abort, not release.
             if mode == "abort" or self.direct.upload is not None:
+                mode = "abort"
                 self.direct.abort()
             else:
                 await self.direct.release()
@@ -1057,10 +1073,28 @@ class TargetServer:
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 # Chunks and requests refresh last_activity; a stalled upload is idle too.
-                idle = now - session.last_activity > session.cfg.timeouts.session_idle_s
-                if idle and not session.busy:
+                idle_s = now - session.last_activity
+                reply = session.upload_reply()
+                if reply and idle_s > UPLOAD_PROBE_AFTER_S and await self._listener_gone(reply):
+                    # The listener's agent died in the middle of a data set: the SCP must
+                    # not keep part of it for session_idle_s.
+                    LOG.warning("listener gone during an upload; aborting", extra=session.log_extra)
+                    await session.close("abort")
+                    continue
+                if idle_s > session.cfg.timeouts.session_idle_s and not session.busy:
                     LOG.warning("closing idle target session", extra=session.log_extra)
                     await session.close("release")
+
+    async def _listener_gone(self, inbox: str) -> bool:
+        """True if nobody subscribes to the listener's reply inbox any more (NATS answers
+        "no responders" within a round trip). A live listener ignores the probe, an ACK for
+        no operation, and sends nothing back."""
+        probe = envelope.encode(AckHeader(op_id=0, seq=0))
+        try:
+            await self.transport.client().request(inbox, probe, timeout=0.25)
+        except Exception as exc:
+            return "NoResponders" in type(exc).__name__
+        return False
 
     async def shutdown(self) -> None:
         if self._reaper is not None:
