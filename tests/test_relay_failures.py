@@ -62,6 +62,16 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Fail
     ]
     for t in targets:
         t["timeouts"] = {"session_idle_s": SESSION_IDLE_S}
+    # The good SCP again, with the default (long) idle session timeout: an upload whose
+    # listener went away must be ended by the target's probe, not by the idle reaper.
+    targets.append(
+        {
+            "ae_title": "BIGSCP",
+            "host": LOOPBACK,
+            "port": good_scp.port,
+            "called_ae_title": "GOODSCP",
+        }
+    )
     cloud = AgentProcess(
         "cloud",
         work / "cloud",
@@ -92,7 +102,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Fail
     listeners.append(
         {
             "ae_title": "GOODBIG",
-            "remote_ae_title": "GOODSCP",
+            "remote_ae_title": "BIGSCP",
             "bind": LOOPBACK,
             "port": port,
             "timeouts": {"open_s": 15.0, "request_s": 120.0, "chunk_ack_s": 60.0},
@@ -477,8 +487,8 @@ def test_agent_refuses_a_server_that_does_not_negotiate_tls(tmp_path: Path, pki:
 def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_path: Path) -> None:
     """SIGKILL the edge agent while a 300 MB instance is streaming: the target SCP never
     completes any of it (the cloud agent passes the instance on as it arrives but holds back
-    its last fragment; the idle session is reaped with an A-ABORT, on which the SCP discards
-    what it had), and the cloud agent keeps serving once the edge agent is back."""
+    its last fragment; it finds the listener gone within seconds and aborts, on which the SCP
+    discards what it had), and the cloud agent keeps serving once the edge agent is back."""
     from tests.harness.dicom import make_large_instance, storescu
 
     big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
@@ -500,11 +510,15 @@ def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_pa
     sender.join(180)
     assert result["r"].statuses() != ["Success"]  # type: ignore[attr-defined]
     spool = Path(rig.cloud.config["work_dir"]) / "spool"
-    deadline = time.monotonic() + SESSION_IDLE_S + 15
+    # Well before BIGSCP's session_idle_s (600 s): the target finds the listener gone.
+    deadline = time.monotonic() + 30
     while (any(spool.iterdir()) or rig.good_scp.files()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(spool.iterdir()), list(spool.iterdir())
     assert rig.good_scp.files() == []
+    assert any(
+        "listener gone during an upload" in str(line.get("msg")) for line in rig.cloud.log_lines()
+    ), rig.cloud.log_tail()
     rig.edge.start()
     assert pynetdicom_store(rig.port, "GOODSCP", [CT]) == [0]
     assert len(rig.good_scp.files()) == 1
