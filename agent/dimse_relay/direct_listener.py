@@ -708,6 +708,7 @@ class DatasetStream:
         self.seq = 0
         self.sent = 0
         self.in_flight = 0
+        self.disconnects = 0  # the transport's disconnects when the stream began
 
     async def feed(self, data: memoryview, last: bool) -> None:
         self.digest.update(data)
@@ -760,6 +761,7 @@ class DatasetStream:
         )
 
     async def _begin(self) -> None:
+        self.disconnects = self.transport.disconnects
         self.subject = await self.assoc._ensure_session()
         self.inbox, self.replies = self.transport.replies.new_inbox()
         self.request = self._header(dataset_length=0, inline=False, streamed=True)
@@ -791,8 +793,19 @@ class DatasetStream:
         try:
             await await_ack(self.replies, self.request.op_id, self.assoc.lcfg.timeouts.chunk_ack_s)
         except StreamAborted as exc:
-            raise RelayError(FAILURES[exc.reason], exc.comment) from None
+            raise self._failure(exc.reason, exc.comment) from None
         self.in_flight -= 1
+
+    def _failure(self, reason: str, comment: str) -> RelayError:
+        """A gap the far side found in a stream that crossed a drop of this agent's NATS
+        connection is a lost message (retry later, 0xA700), not a protocol error."""
+        if (
+            reason == "protocol"
+            and comment.endswith("out_of_order")
+            and self.transport.disconnects != self.disconnects
+        ):
+            return RelayError(statuses.FAR_SIDE_UNAVAILABLE, comment)
+        return RelayError(FAILURES[reason], comment)
 
     async def finish(self, subject: str) -> dict[int, bytes]:
         """(after the last fragment) the far target's status for this C-STORE."""
@@ -809,9 +822,14 @@ class DatasetStream:
                 metrics.BYTES.labels(direction="sent").inc(len(data))
                 return await self.assoc._request(subject, hdr, self.command.raw + data)
             assert self.replies is not None
-            return await _await_status(
-                self.replies, self.request.op_id, self.assoc.lcfg.timeouts.request_s
-            )
+            try:
+                return await _await_status(
+                    self.replies, self.request.op_id, self.assoc.lcfg.timeouts.request_s
+                )
+            except RelayError as exc:
+                if exc.failure is statuses.PROTOCOL_ERROR:
+                    raise self._failure("protocol", str(exc)) from None
+                raise
         finally:
             self.abandon()
 

@@ -122,6 +122,7 @@ class TargetSession:
         self.log_extra = {"assoc_id": open_hdr.assoc_id, "target": cfg.ae_title}
         # kind filesystem/dicomweb: this agent is the SCP and the sink stores the instances.
         self.sink: sinks.Sink | None = server.sinks.get(cfg.ae_title)
+        self.upload_disconnects = 0  # the transport's disconnects when the upload began
         # The direct path (C-ECHO/C-STORE-only associations, direct_target.py) or None.
         self.direct: direct_target.ScpAssociation | None = None
         if self.sink is None and server.agent_cfg.direct_dimse and direct_target.eligible(open_hdr):
@@ -646,6 +647,7 @@ class TargetSession:
             await self._finish_store(up, hdr.digest)
             return
         self.uploads[hdr.op_id] = up
+        self.upload_disconnects = self.server.transport.disconnects
 
     def _inline_store_values(
         self, hdr: RequestHeader, command: Dataset
@@ -706,8 +708,11 @@ class TargetSession:
             metrics.WIRE_REJECTED.labels(reason=why).inc()
             LOG.warning("chunk rejected", extra={**self.log_extra, "why": why})
             self.uploads.pop(hdr.op_id, None)
-            # A local disk problem is "out of resources" for the SCU, not a protocol error.
-            reason = "unavailable" if why == "io_error" else "protocol"
+            # A local disk problem, or a chunk lost while NATS reconnected, is "out of
+            # resources" for the SCU (worth a retry), not a protocol error.
+            reason = (
+                "unavailable" if why == "io_error" or self._lost_in_reconnect(why) else "protocol"
+            )
             await self._reply_error(up.reply, hdr.op_id, reason, f"chunk {why}")
             return
         if hdr.final:
@@ -823,6 +828,7 @@ class TargetSession:
             return
         if not hdr.inline:
             direct.start_upload(hdr, reply, context_id, raw, message_id)
+            self.upload_disconnects = self.server.transport.disconnects
             return
         data = body[hdr.command_length :]
         if len(data) != hdr.dataset_length:
@@ -875,7 +881,8 @@ class TargetSession:
             direct.abandoned.append(hdr.op_id)
             if up.command_sent:
                 direct.abort()  # the SCP holds part of it and must never complete it
-            await self._reply_error(up.reply, hdr.op_id, "protocol", why)
+            reason = "unavailable" if self._lost_in_reconnect(why) else "protocol"
+            await self._reply_error(up.reply, hdr.op_id, reason, why)
             return
         if hdr.final:
             self._direct_respond(up.request, up.reply)
@@ -883,6 +890,12 @@ class TargetSession:
             await self.server.transport.publish(
                 reply, envelope.encode(AckHeader(op_id=hdr.op_id, seq=hdr.seq))
             )
+
+    def _lost_in_reconnect(self, why: str) -> bool:
+        """A gap in a chunk stream that crossed a drop of this agent's NATS connection:
+        a message lost in the reconnect (NATS delivers at most once), not a broken sender."""
+        gap = why.endswith("out_of_order")
+        return gap and self.server.transport.disconnects != self.upload_disconnects
 
     def _direct_respond(self, hdr: RequestHeader, reply: str) -> None:
         """Publish the SCP's response to the request just sent, when it comes."""

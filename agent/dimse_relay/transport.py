@@ -121,6 +121,9 @@ class NatsTransport:
         # Subscriptions the server refused (permissions): the agent is not ready while set.
         self.refused_subjects: set[str] = set()
         self._server_max_payload = 0
+        # Times the connection dropped: a chunk stream that crossed a drop may have lost a
+        # message (NATS delivers at most once), which is then not a protocol error.
+        self.disconnects = 0
 
     @property
     def chunk_size(self) -> int:
@@ -193,6 +196,7 @@ class NatsTransport:
 
     async def _connect_once(self) -> None:
         async def disconnected() -> None:
+            self.disconnects += 1
             metrics.NATS_CONNECTED.set(0)
             LOG.warning("NATS disconnected")
 
