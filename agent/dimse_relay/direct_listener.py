@@ -37,17 +37,14 @@ from dimse_relay.envelope import (
     ChunkHeader,
     ContextProposal,
     ContextResult,
-    EnvelopeError,
-    ErrorHeader,
     OpenResultHeader,
     QueuedHeader,
     RequestHeader,
-    ResponseHeader,
 )
 from dimse_relay.queue import QueueFull, new_item_id
 from dimse_relay.session import FAILURES, RelayError, close_session, open_session
 from dimse_relay.statuses import RelayFailure
-from dimse_relay.streaming import StreamAborted, await_ack
+from dimse_relay.streaming import StreamAborted, await_ack, await_final
 from dimse_relay.upper_layer import Command, ContextAnswer, ULError
 
 if TYPE_CHECKING:
@@ -844,35 +841,22 @@ async def _await_status(
 ) -> dict[int, bytes]:
     """The status elements of the final RESPONSE to ``op_id``; an ERROR or silence raises."""
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                msg = await replies.get()
-                try:
-                    header, body = envelope.decode(msg.data)
-                except EnvelopeError as exc:
-                    metrics.WIRE_REJECTED.labels(reason=exc.reason).inc()
-                    continue
-                if getattr(header, "op_id", None) != op_id:
-                    continue
-                if isinstance(header, ErrorHeader):
-                    raise RelayError(FAILURES[header.reason], header.comment)
-                if not isinstance(header, ResponseHeader):
-                    continue
-                try:
-                    elements = upper_layer.parse_elements(bytes(body[: header.command_length]))
-                except ULError:
-                    elements = {}
-                status = {
-                    tag: elements[tag]
-                    for tag in (upper_layer.TAG_STATUS, *upper_layer.STATUS_DETAIL_TAGS)
-                    if tag in elements
-                }
-                if upper_layer.status_of(status) is None:
-                    metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
-                    raise RelayError(statuses.PROTOCOL_ERROR, "response without a status")
-                return status
-    except TimeoutError:
-        raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
+        header, body = await await_final(replies, op_id, timeout_s)
+    except StreamAborted as exc:
+        raise RelayError(FAILURES[exc.reason], exc.comment) from None
+    try:
+        elements = upper_layer.parse_elements(bytes(body[: header.command_length]))
+    except ULError:
+        elements = {}
+    status = {
+        tag: elements[tag]
+        for tag in (upper_layer.TAG_STATUS, *upper_layer.STATUS_DETAIL_TAGS)
+        if tag in elements
+    }
+    if upper_layer.status_of(status) is None:
+        metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+        raise RelayError(statuses.PROTOCOL_ERROR, "response without a status")
+    return status
 
 
 def _max_received_pdu(local_max: int) -> int:

@@ -65,6 +65,22 @@ async def await_ack(replies: asyncio.Queue[Any], op_id: int, timeout_s: float) -
 
 async def await_response(replies: asyncio.Queue[Any], op_id: int, timeout_s: float) -> Dataset:
     """The final RESPONSE to ``op_id`` as a status dataset; an ERROR or silence aborts."""
+    header, body = await await_final(replies, op_id, timeout_s)
+    try:
+        status = decode_command(body[: header.command_length])
+    except Exception:
+        metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+        raise StreamAborted("protocol", "undecodable response") from None
+    if "Status" not in status:
+        metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
+        raise StreamAborted("protocol", "response without a status")
+    return status
+
+
+async def await_final(
+    replies: asyncio.Queue[Any], op_id: int, timeout_s: float
+) -> tuple[ResponseHeader, memoryview]:
+    """The RESPONSE to ``op_id`` with its body; an ERROR or silence aborts (StreamAborted)."""
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
@@ -84,15 +100,7 @@ async def await_response(replies: asyncio.Queue[Any], op_id: int, timeout_s: flo
         if isinstance(header, ErrorHeader):
             raise StreamAborted(header.reason, header.comment)
         if isinstance(header, ResponseHeader):
-            try:
-                status = decode_command(body[: header.command_length])
-            except Exception:
-                metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
-                raise StreamAborted("protocol", "undecodable response") from None
-            if "Status" not in status:
-                metrics.WIRE_REJECTED.labels(reason="bad_command").inc()
-                raise StreamAborted("protocol", "response without a status")
-            return status
+            return header, body
 
 
 async def send_dataset(

@@ -680,19 +680,29 @@ class TargetSession:
         """A dataset that came whole in the request, checked as the spool route checks it
         (length, then digest; the same replies and metrics), then sent to the SCP from
         memory: no spool file on the critical path."""
-        data = bytes(rest)
+        checked = await self._checked_inline(hdr, rest, reply)
+        if checked is None:
+            return
+        data = bytes(checked)
+        await self._run_and_reply(
+            hdr, reply, lambda: self._send_inline_store(command, data, values)
+        )
+
+    async def _checked_inline(
+        self, hdr: RequestHeader, data: memoryview, reply: str
+    ) -> memoryview | None:
+        """An inline dataset if its length and digest are right; else None, after the
+        ERROR reply and the metric."""
         if len(data) != hdr.dataset_length:
             metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
-            return
+            return None
         metrics.BYTES.labels(direction="received").inc(len(data))
         if hdr.digest != hashlib.sha256(data).hexdigest():
             metrics.WIRE_REJECTED.labels(reason="bad_digest").inc()
             await self._reply_error(reply, hdr.op_id, "protocol", "dataset bad_digest")
-            return
-        await self._run_and_reply(
-            hdr, reply, lambda: self._send_inline_store(command, data, values)
-        )
+            return None
+        return data
 
     async def _on_chunk(self, hdr: ChunkHeader, body: memoryview, reply: str) -> None:
         if self.direct is not None:
@@ -830,15 +840,8 @@ class TargetSession:
             direct.start_upload(hdr, reply, context_id, raw, message_id)
             self.upload_disconnects = self.server.transport.disconnects
             return
-        data = body[hdr.command_length :]
-        if len(data) != hdr.dataset_length:
-            metrics.WIRE_REJECTED.labels(reason="length_mismatch").inc()
-            await self._reply_error(reply, hdr.op_id, "protocol", "inline dataset length")
-            return
-        metrics.BYTES.labels(direction="received").inc(len(data))
-        if hdr.digest != hashlib.sha256(data).hexdigest():
-            metrics.WIRE_REJECTED.labels(reason="bad_digest").inc()
-            await self._reply_error(reply, hdr.op_id, "protocol", "dataset bad_digest")
+        data = await self._checked_inline(hdr, body[hdr.command_length :], reply)
+        if data is None:
             return
         try:
             direct.send_command(context_id, raw, message_id)
