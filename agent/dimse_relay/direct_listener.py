@@ -279,23 +279,9 @@ class DirectAssociation:
         """Queued mode: what the target accepted, remembered for outages (listener.py's
         _negotiate_queued, the same cache). The far session is not needed afterwards: C-ECHO
         is answered here and C-STORE goes to the edge queue."""
-        key = (
-            self.lcfg.ae_title,
-            self.lcfg.port,
-            self.lcfg.far_ae_title,
-            self.calling,
-            tuple((p.id, p.abstract_syntax, tuple(p.transfer_syntaxes)) for p in self.proposals),
+        accepted, source = self.server.remembered_negotiation(
+            self.lcfg, self.calling, self.proposals, accepted
         )
-        negotiated = self.server._negotiated
-        with self.server._lock:
-            if accepted is not None:
-                negotiated[key] = accepted
-                while len(negotiated) > 1024:
-                    negotiated.pop(next(iter(negotiated)))
-                source = "target"
-            else:
-                accepted = negotiated.get(key)
-                source = "remembered" if accepted is not None else "local"
         self._end_session("release")
         metrics.ASSOCIATIONS.labels(
             role="listener", result="no_contexts" if accepted == [] else "accepted_queued"

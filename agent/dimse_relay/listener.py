@@ -305,13 +305,6 @@ class ListenerServer:
         accept what it accepted for the same proposal before, else the fallback contexts.
         The far session, when there is one, serves the other services (C-FIND, ...)."""
         assoc = relayed.assoc
-        key = (
-            relayed.listener.ae_title,
-            relayed.listener.port,
-            relayed.listener.far_ae_title,
-            relayed.calling_ae_title,
-            tuple((p.id, p.abstract_syntax, tuple(p.transfer_syntaxes)) for p in relayed.proposals),
-        )
         try:
             result: OpenResultHeader | None = self._open_far(relayed)
         except RelayError:
@@ -323,7 +316,7 @@ class ListenerServer:
             with self._lock:
                 self._relayed.pop(id(assoc), None)
             return
-        accepted = None
+        accepted: list[ContextResult] | None = None
         if result is not None and _took_no_context(result):
             # The target answered and took none of the contexts: the SCU hears that now
             # (every context rejected), not a Success followed by a dead letter.
@@ -333,18 +326,9 @@ class ListenerServer:
             if not self._attach_session(relayed, result.session_subject):
                 return
             accepted = result.accepted
-        if accepted is not None:
-            with self._lock:
-                self._negotiated[key] = accepted
-                while len(self._negotiated) > 1024:
-                    self._negotiated.pop(next(iter(self._negotiated)))
-        else:
-            with self._lock:
-                accepted = self._negotiated.get(key)
-        if result is not None and (result.result == "accepted" or _took_no_context(result)):
-            source = "target"
-        else:
-            source = "remembered" if accepted is not None else "local"
+        accepted, source = self.remembered_negotiation(
+            relayed.listener, relayed.calling_ae_title, relayed.proposals, accepted
+        )
         metrics.ASSOCIATIONS.labels(
             role="listener", result="no_contexts" if accepted == [] else "accepted_queued"
         ).inc()
@@ -355,6 +339,32 @@ class ListenerServer:
             "association accepted for the edge queue",
             extra={**relayed.log_extra, "negotiated": source},
         )
+
+    def remembered_negotiation(
+        self,
+        lcfg: ListenerConfig,
+        calling: str,
+        proposals: list[ContextProposal],
+        accepted: list[ContextResult] | None,
+    ) -> tuple[list[ContextResult] | None, str]:
+        """Queued listeners: remember what the target accepted for this proposal (when it
+        answered, ``accepted`` not None), or look up what it accepted before. Returns the
+        contexts (None: never seen) and where they come from: target, remembered or local."""
+        key = (
+            lcfg.ae_title,
+            lcfg.port,
+            lcfg.far_ae_title,
+            calling,
+            tuple((p.id, p.abstract_syntax, tuple(p.transfer_syntaxes)) for p in proposals),
+        )
+        with self._lock:
+            if accepted is not None:
+                self._negotiated[key] = accepted
+                while len(self._negotiated) > 1024:
+                    self._negotiated.pop(next(iter(self._negotiated)))
+                return accepted, "target"
+            found = self._negotiated.get(key)
+        return found, "remembered" if found is not None else "local"
 
     def _open_far(self, relayed: RelayedAssociation) -> OpenResultHeader:
         lcfg = relayed.listener
