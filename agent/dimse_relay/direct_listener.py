@@ -33,6 +33,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
 from dimse_relay import envelope, metrics, statuses, upper_layer
 from dimse_relay.config import ListenerConfig
+from dimse_relay.dicom import FALLBACK_TRANSFER_SYNTAXES
 from dimse_relay.envelope import (
     ChunkHeader,
     ContextProposal,
@@ -42,7 +43,14 @@ from dimse_relay.envelope import (
     RequestHeader,
 )
 from dimse_relay.queue import QueueFull, new_item_id
-from dimse_relay.session import FAILURES, RelayError, close_session, open_session
+from dimse_relay.session import (
+    FAILURES,
+    RelayError,
+    close_session,
+    open_session,
+    took_no_context,
+    valid_reject,
+)
 from dimse_relay.statuses import RelayFailure
 from dimse_relay.streaming import StreamAborted, await_ack, await_final
 from dimse_relay.upper_layer import Command, ContextAnswer, ULError
@@ -226,10 +234,8 @@ class DirectAssociation:
         if result is not None and result.result == "rejected":
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
             LOG.info("association rejected by the target", extra=self.log_extra)
-            from dimse_relay.listener import _valid_reject
-
-            return self._reject(*_valid_reject(result))
-        no_contexts = result is not None and _took_no_context(result)
+            return self._reject(*valid_reject(result))
+        no_contexts = result is not None and took_no_context(result)
         accepted: list[ContextResult] | None = None
         if no_contexts:
             accepted = []
@@ -312,8 +318,6 @@ class DirectAssociation:
     def _fallback_results(self) -> list[ContextResult]:
         """The local fallback contexts: per proposed context the first of the fallback
         transfer syntaxes the SCU proposed (dicom.FALLBACK_TRANSFER_SYNTAXES)."""
-        from dimse_relay.dicom import FALLBACK_TRANSFER_SYNTAXES
-
         out = []
         for prop in self.proposals:
             ts = next((t for t in FALLBACK_TRANSFER_SYNTAXES if t in prop.transfer_syntaxes), None)
@@ -848,10 +852,6 @@ async def _await_status(
 def _max_received_pdu(local_max: int) -> int:
     """As the pynetdicom path: a PDU may announce up to the local maximum, and at least 4 MiB."""
     return max(local_max, 4 * 1024 * 1024)
-
-
-def _took_no_context(result: OpenResultHeader) -> bool:
-    return result.result == "failed" and result.failure == "no_contexts"
 
 
 class DirectGroup:

@@ -71,6 +71,8 @@ from dimse_relay.session import (
     close_session,
     open_session,
     store_instance,
+    took_no_context,
+    valid_reject,
 )
 from dimse_relay.statuses import RelayFailure
 from dimse_relay.streaming import StreamAborted, await_response
@@ -83,16 +85,6 @@ COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA = "1.2.840.10008.5.1.4.1.2.5.3"
 # is what a far-side timeout on a live session costs in addition), a gone one is reported by
 # NATS ("no responders") within a round trip.
 SESSION_PROBE_S = 0.25
-
-
-def _valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
-    """The far target's A-ASSOCIATE-RJ values if they are valid (PS3.8 9.3.4), else
-    rejected-transient / service-user / no reason given."""
-    valid = {1: (1, 2, 3, 7), 2: (1, 2), 3: (1, 2)}
-    res, src, why = result.reject_result, result.reject_source, result.reject_reason
-    if res in (1, 2) and src is not None and why is not None and why in valid.get(src, ()):
-        return res, src, why
-    return 0x02, 0x01, 0x01
 
 
 def _reject(assoc: Any, result: int, source: int, reason: int) -> None:
@@ -281,11 +273,11 @@ class ListenerServer:
         if result.result == "rejected":
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
             LOG.info("association rejected by the target", extra=log_extra)
-            _reject(assoc, *_valid_reject(result))
+            _reject(assoc, *valid_reject(result))
             with self._lock:
                 self._relayed.pop(id(assoc), None)
             return
-        if _took_no_context(result):
+        if took_no_context(result):
             # The target took none of the proposed contexts: neither does the listener.
             LOG.info("target accepted no presentation context", extra=log_extra)
             metrics.ASSOCIATIONS.labels(role="listener", result="no_contexts").inc()
@@ -312,12 +304,12 @@ class ListenerServer:
         if result is not None and result.result == "rejected":
             metrics.ASSOCIATIONS.labels(role="listener", result="rejected_by_target").inc()
             LOG.info("association rejected by the target", extra=relayed.log_extra)
-            _reject(assoc, *_valid_reject(result))
+            _reject(assoc, *valid_reject(result))
             with self._lock:
                 self._relayed.pop(id(assoc), None)
             return
         accepted: list[ContextResult] | None = None
-        if result is not None and _took_no_context(result):
+        if result is not None and took_no_context(result):
             # The target answered and took none of the contexts: the SCU hears that now
             # (every context rejected), not a Success followed by a dead letter.
             accepted = []
@@ -869,8 +861,3 @@ class RelayAssociationServer(ThreadedAssociationServer):
             # pynetdicom counts only its own associations against maximum_associations.
             self.ae.maximum_associations = self.direct.pynetdicom_limit()
         super().process_request_thread(request, client_address)
-
-
-def _took_no_context(result: OpenResultHeader) -> bool:
-    """The far agent's target SCP answered and accepted none of the proposed contexts."""
-    return result.result == "failed" and result.failure == "no_contexts"

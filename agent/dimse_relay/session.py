@@ -51,6 +51,21 @@ def check_session_subject(prefix: str, far_ae_title: str, result: OpenResultHead
         raise RelayError(statuses.PROTOCOL_ERROR, "far agent sent an invalid session subject")
 
 
+def valid_reject(result: OpenResultHeader) -> tuple[int, int, int]:
+    """The far target's A-ASSOCIATE-RJ values if they are valid (PS3.8 9.3.4), else
+    rejected-transient / service-user / no reason given."""
+    valid = {1: (1, 2, 3, 7), 2: (1, 2), 3: (1, 2)}
+    res, src, why = result.reject_result, result.reject_source, result.reject_reason
+    if res in (1, 2) and src is not None and why is not None and why in valid.get(src, ()):
+        return res, src, why
+    return 0x02, 0x01, 0x01
+
+
+def took_no_context(result: OpenResultHeader) -> bool:
+    """The far agent's target SCP answered and accepted none of the proposed contexts."""
+    return result.result == "failed" and result.failure == "no_contexts"
+
+
 async def open_session(
     transport: NatsTransport,
     prefix: str,
