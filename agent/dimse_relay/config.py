@@ -636,6 +636,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _safe_load_unique(text: str) -> Any:
+    """One YAML document with the safe loader that refuses duplicate keys (what
+    yaml.safe_load does, with _UniqueKeyLoader instead of SafeLoader)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> AgentConfig:
     path = Path(path)
     try:
@@ -643,7 +653,7 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Agen
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        raw = _safe_load_unique(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
