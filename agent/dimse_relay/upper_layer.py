@@ -203,13 +203,20 @@ class ProposedContext:
     transfer_syntaxes: list[str]
 
 
-def associate_rq_pdu(
-    calling: str, called: str, contexts: list[ProposedContext], max_pdu: int, impl_uid: str
-) -> bytes:
+def _associate_primitive(calling: str, called: str, max_pdu: int, impl_uid: str) -> A_ASSOCIATE:
+    """What an A-ASSOCIATE-RQ and -AC share: application context, AE titles, user info."""
     prim = A_ASSOCIATE()
     prim.application_context_name = APPLICATION_CONTEXT
     prim.calling_ae_title = calling
     prim.called_ae_title = called
+    prim.user_information = user_information(max_pdu, impl_uid)
+    return prim
+
+
+def associate_rq_pdu(
+    calling: str, called: str, contexts: list[ProposedContext], max_pdu: int, impl_uid: str
+) -> bytes:
+    prim = _associate_primitive(calling, called, max_pdu, impl_uid)
     out = []
     for proposed in contexts:
         cx = PresentationContext()
@@ -219,7 +226,6 @@ def associate_rq_pdu(
             cx.add_transfer_syntax(ts)
         out.append(cx)
     prim.presentation_context_definition_list = out
-    prim.user_information = user_information(max_pdu, impl_uid)
     rq = A_ASSOCIATE_RQ()
     rq.from_primitive(prim)
     return bytes(rq.encode())
@@ -238,10 +244,7 @@ class ContextAnswer:
 def associate_ac_pdu(
     calling: str, called: str, answers: list[ContextAnswer], max_pdu: int, impl_uid: str
 ) -> bytes:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = APPLICATION_CONTEXT
-    prim.calling_ae_title = calling
-    prim.called_ae_title = called
+    prim = _associate_primitive(calling, called, max_pdu, impl_uid)
     prim.result = 0
     prim.result_source = 1
     results = []
@@ -252,7 +255,6 @@ def associate_ac_pdu(
         cx.add_transfer_syntax(answer.transfer_syntax)
         results.append(cx)
     prim.presentation_context_definition_results_list = results
-    prim.user_information = user_information(max_pdu, impl_uid)
     ac = A_ASSOCIATE_AC()
     ac.from_primitive(prim)
     return bytes(ac.encode())
