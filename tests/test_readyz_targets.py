@@ -280,6 +280,8 @@ def test_silent_scp_times_out_without_blocking_the_relay(
     try:
         cloud.start(wait_ready=False)
         edge.start()
+        # the edge being ready says nothing about the cloud's HTTP endpoint: wait until it answers
+        wait_for("cloud HTTP endpoint up", lambda: readyz(cloud)[0] in (200, 503), 20, cloud)
         # the first probe of SILENT is still waiting for an answer: relay and /readyz are fast
         started = time.monotonic()
         code, body = readyz(cloud)

@@ -548,11 +548,17 @@ def test_subscription_refused_by_server_permissions_makes_agent_unready(
         },
     ).start(wait_ready=False)
     try:
-        time.sleep(3)
+        # poll (a loaded machine may take seconds to start the agent); it must never turn ready
+        deadline = time.monotonic() + 20
+        while not any(
+            line.get("msg") == "NATS refused a subscription" for line in agent.log_lines()
+        ):
+            assert time.monotonic() < deadline, agent.log_tail()
+            assert not agent.ready()
+            time.sleep(0.1)
         code, body = agent.http_get("/readyz")
         assert code == 503, body
         assert b'"subscriptions_permitted": false' in body
-        assert any(line.get("msg") == "NATS refused a subscription" for line in agent.log_lines())
     finally:
         agent.stop()
         server.stop()
