@@ -4,6 +4,7 @@ retrieve, sub-operation counts and final statuses are relayed, unknown destinati
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,10 @@ def rig(
                     "timeouts": {"open_s": 2, "request_s": 3},
                 },
             ],
-            "move_destinations": {"DESTSCP": {"host": LOOPBACK, "port": relay_dest.port}},
+            "move_destinations": {
+                "DESTSCP": {"host": LOOPBACK, "port": relay_dest.port},
+                "DEADDEST": {"host": LOOPBACK, "port": free_port()},  # nothing listens
+            },
         },
     ).start()
     yield RetrieveRig(pacs, relay_dest, direct_dest, edge, cloud, port, study_uid, sent)
@@ -175,6 +179,22 @@ def test_move_delivers_to_destination_on_the_scu_side(rig: RetrieveRig) -> None:
 def test_move_to_unknown_destination_is_a801(rig: RetrieveRig) -> None:
     statuses = move(rig.port, "PACS", "NOWHERE", study_identifier(rig.study_uid))
     assert [s.Status for s in statuses] == [0xA801]
+
+
+def test_move_to_unreachable_destination_is_a801_and_keeps_nothing(rig: RetrieveRig) -> None:
+    """A configured destination nobody listens on: 0xA801 once the far side has announced the
+    sub-operations (the destination association is tried then, not after the whole retrieve);
+    the far retrieve is cancelled and nothing stays in the listener's retrieved folder."""
+    statuses = move(rig.port, "PACS", "DEADDEST", study_identifier(rig.study_uid))
+    assert [s.Status for s in statuses] == [0xA801]
+    retrieved = Path(rig.edge.config["work_dir"]) / "retrieved"
+    deadline = time.monotonic() + 15
+    while any(retrieved.iterdir()):
+        assert time.monotonic() < deadline, sorted(p.name for p in retrieved.iterdir())
+        time.sleep(0.1)
+    rig.relay_dest.clear()
+    after = move(rig.port, "PACS", "DESTSCP", study_identifier(rig.study_uid))
+    assert after[-1].Status == 0x0000 and len(rig.relay_dest.files()) == STUDY_SIZE
 
 
 def test_move_with_dcmtk_movescu(rig: RetrieveRig) -> None:

@@ -6,6 +6,8 @@ retrieved instances reach the destination exactly as they were received."""
 from __future__ import annotations
 
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +29,7 @@ from tests.harness.dicom import DcmtkStoreSCP, dataset_bytes
 from tests.harness.ports import free_port
 
 from dimse_relay import dicom, statuses
-from dimse_relay.retrieve import Retrieved
+from dimse_relay.retrieve import RetrieveCollector, Retrieved, RetrieveStream
 
 
 class _Spooled:
@@ -213,3 +215,144 @@ def test_moved_instances_reach_the_destination_as_received(tmp_path: Path) -> No
     stored = sorted(dataset_bytes(f) for f in dest.files())
     assert stored == sorted(dataset_bytes(src) for src in sources)
     assert not list(tmp_path.glob("spool*.dcm")), "spool files are discarded once sent"
+
+
+def _pending(remaining: int, completed: int) -> Dataset:
+    status = Dataset()
+    status.Status = 0xFF00
+    status.NumberOfRemainingSuboperations = remaining
+    status.NumberOfCompletedSuboperations = completed
+    status.NumberOfFailedSuboperations = 0
+    status.NumberOfWarningSuboperations = 0
+    return status
+
+
+def _final(code: int, **counts: int) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    for name, value in counts.items():
+        setattr(status, f"NumberOf{name}Suboperations", value)
+    return status
+
+
+def _streamed_get(
+    collect: Any, on_store: Any, announced: bool = True
+) -> list[tuple[Dataset, Dataset | None]]:
+    """A C-GET whose handler is RetrieveStream (as the listener's _on_get), with ``collect``
+    playing the far side: called with the collector on the collecting thread. ``announced``:
+    whether the far side's counts must have let the stream start early."""
+    holder: dict[str, Any] = {}
+
+    def handler(event: evt.Event) -> object:
+        collector = RetrieveCollector(None, holder["dir"])  # type: ignore[arg-type]
+        stream = RetrieveStream(collector, lambda: collect(collector))
+        announced = stream.announced(need_contexts=False)
+        holder["announced"] = announced
+        if announced is None:
+            yield from stream.finished().suboperations()
+        else:
+            yield from stream.suboperations(announced)
+
+    holder["dir"] = Path(tempfile.mkdtemp())
+    try:
+        responses = c_get(handler, on_store)
+    finally:
+        shutil.rmtree(holder["dir"], ignore_errors=True)
+    assert (holder.get("announced") is not None) is announced
+    return responses
+
+
+def test_streamed_retrieve_sends_each_instance_before_the_far_side_ends(tmp_path: Path) -> None:
+    """Once the far side's first pending response announces the count, the SCU gets each
+    instance as soon as it is spooled: here the far side sends its second instance only
+    after the SCU has stored the first (it would wait in vain if the listener collected the
+    whole retrieve first)."""
+    paths = [_instance(tmp_path, i) for i in range(2)]
+    first_stored = threading.Event()
+    waited: list[bool] = []
+
+    def far_side(collector: RetrieveCollector) -> None:
+        collector.result.instances.append(_Spooled(paths[0]))  # type: ignore[arg-type]
+        collector.on_response(_pending(1, 1), None)
+        waited.append(first_stored.wait(10))
+        with collector.changed:
+            collector.result.instances.append(_Spooled(paths[1]))  # type: ignore[arg-type]
+            collector.changed.notify_all()
+        collector.on_response(_final(0x0000, Completed=2, Failed=0, Warning=0), None)
+
+    stored: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        first_stored.set()
+        return 0x0000
+
+    responses = _streamed_get(far_side, on_store)
+    assert waited == [True], "the first instance did not reach the SCU before the far side ended"
+    last = responses[-1][0]
+    assert last.Status == 0x0000
+    assert last.NumberOfCompletedSuboperations == 2
+    assert len(stored) == 2
+    assert not any(p.exists() for p in paths), "spool files are discarded once sent"
+
+
+def test_streamed_retrieve_cut_short_is_not_success(tmp_path: Path) -> None:
+    """Three announced, two arrived, the far side ends in a failure: the SCU gets a failure
+    with the missing sub-operation counted as failed."""
+    paths = [_instance(tmp_path, i) for i in range(2)]
+
+    def far_side(collector: RetrieveCollector) -> None:
+        collector.result.instances.append(_Spooled(paths[0]))  # type: ignore[arg-type]
+        collector.on_response(_pending(2, 1), None)
+        with collector.changed:
+            collector.result.instances.append(_Spooled(paths[1]))  # type: ignore[arg-type]
+        collector.on_response(_final(statuses.RETRIEVE_OUT_OF_RESOURCES, Remaining=1), None)
+
+    stored: list[str] = []
+    responses = _streamed_get(far_side, lambda e: stored.append("x") or 0x0000)
+    last = responses[-1][0]
+    assert len(stored) == 2
+    assert last.Status == statuses.RETRIEVE_OUT_OF_RESOURCES
+    assert last.NumberOfCompletedSuboperations == 2
+    assert last.NumberOfFailedSuboperations == 1
+
+
+def test_streamed_retrieve_sends_no_more_than_announced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SCP that sends more instances than it announced: pynetdicom cannot send them, so
+    the extra one is dropped with a warning (and its spool file removed), never half-sent."""
+    paths = [_instance(tmp_path, i) for i in range(3)]
+
+    def far_side(collector: RetrieveCollector) -> None:
+        collector.result.instances.append(_Spooled(paths[0]))  # type: ignore[arg-type]
+        collector.on_response(_pending(1, 1), None)
+        with collector.changed:
+            collector.result.instances.extend(_Spooled(p) for p in paths[1:])  # type: ignore[misc]
+        collector.on_response(_final(0x0000, Completed=3), None)
+
+    stored: list[str] = []
+    responses = _streamed_get(far_side, lambda e: stored.append("x") or 0x0000)
+    assert len(stored) == 2
+    assert responses[-1][0].NumberOfCompletedSuboperations == 2
+    assert "more instances than it announced" in caplog.text
+    assert not any(p.exists() for p in paths)
+
+
+def test_retrieve_without_counts_is_collected_first(tmp_path: Path) -> None:
+    """A far side whose pending responses carry no counts: nothing is announced, the whole
+    retrieve is collected and then sent, as before streaming."""
+    paths = [_instance(tmp_path, i) for i in range(2)]
+
+    def no_counts(collector: RetrieveCollector) -> None:
+        pending = Dataset()
+        pending.Status = 0xFF00
+        with collector.changed:
+            collector.result.instances.extend(_Spooled(p) for p in paths)  # type: ignore[misc]
+        collector.on_response(pending, None)
+        collector.on_response(_final(0x0000), None)
+
+    stored: list[str] = []
+    responses = _streamed_get(no_counts, lambda e: stored.append("x") or 0x0000, announced=False)
+    assert len(stored) == 2
+    assert responses[-1][0].Status == 0x0000

@@ -147,6 +147,9 @@ class ResponseHeader(_Header):
     final: bool = True
     command_length: int = Field(ge=0)
     dataset_length: int = Field(default=-1, ge=-1)
+    # First response of a relayed C-MOVE: the storage contexts the SCP accepted on the
+    # target's C-GET association (the instances come in these), for the move destination.
+    storage_contexts: list[ContextResult] | None = Field(default=None, max_length=128)
 
 
 class ErrorHeader(_Header):

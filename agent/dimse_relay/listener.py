@@ -61,7 +61,7 @@ from dimse_relay.queue import EdgeQueue, QueueFull, QueueUnavailable, file_diges
 from dimse_relay.retrieve import (
     InstanceMessage,
     RetrieveCollector,
-    Retrieved,
+    RetrieveStream,
     is_instance_message,
     split_request,
 )
@@ -639,10 +639,13 @@ class ListenerServer:
         """C-GET: the far agent retrieves from the real SCP; the instances come back over NATS
         and pynetdicom sends them to the SCU as C-STORE sub-operations on its association."""
         command, raw = split_request(cast(C_GET, event.request), C_GET_RQ())
-        retrieved = self._retrieve(event, "C-GET", command, raw)
-        yield from retrieved.suboperations(
-            decode=str(event.context.abstract_syntax) == COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA
-        )
+        stream = self._retrieve_stream(event, "C-GET", command, raw)
+        decode = str(event.context.abstract_syntax) == COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA
+        announced = stream.announced(need_contexts=False)
+        if announced is None:
+            yield from stream.finished().suboperations(decode=decode)
+        else:
+            yield from stream.suboperations(announced, decode=decode)
 
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE: as C-GET on the far side; this agent stores the instances to the move
@@ -655,30 +658,55 @@ class ListenerServer:
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         command, raw = split_request(req, C_MOVE_RQ())
-        retrieved = self._retrieve(event, "C-MOVE", command, raw)
+        stream = self._retrieve_stream(event, "C-MOVE", command, raw)
+        announced = stream.announced(need_contexts=True)
+        suboperations: Iterator[Any]
+        if announced is None:
+            # Nothing announced (the retrieve is over, or the SCP sends no counts): the
+            # destination gets one context per (SOP class, transfer syntax) retrieved.
+            retrieved = stream.finished()
+            contexts = retrieved.contexts()
+            suboperations = retrieved.suboperations()
+        else:
+            contexts = announced.destination_contexts()
+            suboperations = stream.suboperations(announced)
         # pynetdicom opens the destination association itself: give it our socket handlers
         # (TCP_NODELAY, timeouts) too, or every sub-operation waits for Nagle's delayed ACK.
         yield (
             destination.host,
             destination.port,
-            {"contexts": retrieved.contexts(), "evt_handlers": SOCKET_HANDLERS},
+            {"contexts": contexts, "evt_handlers": SOCKET_HANDLERS},
         )
-        yield from retrieved.suboperations()
+        yield from suboperations
 
     def _log_extra(self, event: evt.Event) -> dict[str, Any]:
         relayed = self._relayed.get(id(event.assoc))
         return relayed.log_extra if relayed is not None else {}
 
-    def _retrieve(
+    def _retrieve_stream(
         self, event: evt.Event, service: str, command: bytes, identifier: bytes
-    ) -> Retrieved:
-        """Run a C-GET/C-MOVE on the far side to its final response, spooling every instance
-        it streams back (each acknowledged once it is on disk here)."""
+    ) -> RetrieveStream:
+        """Start a C-GET/C-MOVE on the far side; its instances are collected on their own
+        thread while the handler sends those that have arrived."""
         collector = RetrieveCollector(self.transport, self.retrieve_dir)
+        return RetrieveStream(
+            collector, lambda: self._retrieve(event, service, command, identifier, collector)
+        )
+
+    def _retrieve(
+        self,
+        event: evt.Event,
+        service: str,
+        command: bytes,
+        identifier: bytes,
+        collector: RetrieveCollector,
+    ) -> None:
+        """(collecting thread) Run a C-GET/C-MOVE on the far side to its final response,
+        spooling every instance it streams back (each acknowledged once it is on disk)."""
         relayed = self._relayed.get(id(event.assoc))
         if relayed is None:
-            collector.result.failure = self._failure_status(service, statuses.PROTOCOL_ERROR)
-            return collector.result
+            collector.fail(self._failure_status(service, statuses.PROTOCOL_ERROR))
+            return
         try:
             for item in self._stream_responses(
                 event, relayed, service, command, identifier, instances=True
@@ -687,6 +715,8 @@ class ListenerServer:
                     collector.on_instance(item)
                 else:
                     collector.on_response(*item)
+                if collector.abandoned:
+                    break  # the SCU or destination is gone: cancel the far retrieve
         finally:
             collector.close()
         final = collector.result.final
@@ -695,7 +725,6 @@ class ListenerServer:
             service=service,
             status=metrics.status_class(int(final.Status)) if final else "none",
         ).inc()
-        return collector.result
 
     def _relay_streamed(
         self, event: evt.Event, service: str, command: bytes, identifier: bytes
@@ -779,7 +808,10 @@ class ListenerServer:
                 status, dataset = self._decode_response(header, body, transfer_syntax)
                 if header.final:
                     finished = True
-                yield status, dataset
+                if instances:
+                    yield status, dataset, header.storage_contexts
+                else:
+                    yield status, dataset
                 if finished:
                     return
         except RelayError as exc:

@@ -11,7 +11,10 @@ C-STORE sub-operations to the SCU or the move destination.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,18 @@ from dimse_relay.dicom import (
     encode_command,
     request_command,
 )
-from dimse_relay.envelope import AckHeader, ChunkHeader, ErrorHeader, RequestHeader, ResponseHeader
+from dimse_relay.envelope import (
+    AckHeader,
+    ChunkHeader,
+    ContextResult,
+    ErrorHeader,
+    RequestHeader,
+    ResponseHeader,
+)
 from dimse_relay.streaming import SpooledDataset
 from dimse_relay.transport import NatsTransport
+
+LOG = logging.getLogger(__name__)
 
 
 def is_instance_message(header: Any, op_id: int) -> bool:
@@ -54,6 +66,36 @@ class InstanceMessage:
     reply: str
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """What the far side's first pending response tells before the last instance arrives:
+    how many sub-operations the SCP will perform and (C-MOVE) the storage contexts of its
+    C-GET association, which the instances will come in."""
+
+    total: int
+    storage_contexts: list[ContextResult] | None
+
+    def destination_contexts(self) -> list[Any]:
+        """Presentation contexts for the move destination: one per (SOP class, transfer
+        syntax) the SCP accepted for the C-GET, so every instance can be sent as it is."""
+        pairs = dict.fromkeys(
+            (cx.abstract_syntax, cx.transfer_syntax) for cx in self.storage_contexts or []
+        )
+        return [build_context(sop, [ts]) for sop, ts in list(pairs)[:128]]
+
+
+def announced_total(pending: Dataset) -> int | None:
+    """The number of sub-operations a pending C-GET response announces (remaining plus those
+    done), or None when it does not say how many remain."""
+    counts = [
+        pending.get(f"NumberOf{kind}Suboperations")
+        for kind in ("Remaining", "Completed", "Failed", "Warning")
+    ]
+    if counts[0] is None:
+        return None
+    return sum(int(count or 0) for count in counts)
+
+
 @dataclass
 class Retrieved:
     """What the far side of a C-GET/C-MOVE returned: instances spooled here, its last
@@ -62,6 +104,7 @@ class Retrieved:
     spool_dir: Path
     instances: list[SpooledDataset] = field(default_factory=list)
     pending: Dataset | None = None
+    announced: Announcement | None = None
     final: Dataset | None = None
     final_identifier: Dataset | None = None
     failure: Dataset | None = None
@@ -94,8 +137,7 @@ class Retrieved:
         try:
             failure = self.failure
             if failure is None and self.final is None:
-                failure = Dataset()
-                failure.Status = statuses.RETRIEVE_OUT_OF_RESOURCES
+                failure = out_of_resources()
             if failure is not None:
                 yield 1
                 yield failure, None
@@ -121,24 +163,45 @@ class Retrieved:
             yield total
             near_failed: list[str] = []
             for spool in self.instances:
-                if decode:
-                    yield 0xFF00, dcmread(spool.path)
-                else:
-                    instance = spooled_instance(spool)
-                    yield 0xFF00, instance
-                    status = instance.store_status
-                    if status is None or metrics.status_class(status) == "failure":
-                        near_failed.append(str(instance.SOPInstanceUID))
-                spool.discard()
-            if code != 0x0000 or far_failed:
-                # The SCP's own warning/failure/cancel and its Failed SOP Instance UID List;
-                # pynetdicom counts the far-side failures (still "remaining") as failed.
-                yield self.final, with_failed_instances(self.final_identifier, near_failed)
-            else:
-                yield 0x0000, None
+                yield from suboperation(spool, decode, near_failed)
+            yield self.final_status(near_failed)
         finally:
             for spool in self.instances:
                 spool.discard()
+
+    def final_status(self, near_failed: list[str]) -> tuple[Any, Dataset | None]:
+        """The last yield to pynetdicom once every instance has been: the relay's failure,
+        the SCP's own warning/failure/cancel with its Failed SOP Instance UID List
+        (pynetdicom counts sub-operations still "remaining" as failed), or Success."""
+        if self.failure is not None or self.final is None:
+            return self.failure or out_of_resources(), None
+        if int(self.final.Status) != 0x0000 or self._far_failed():
+            return self.final, with_failed_instances(self.final_identifier, near_failed)
+        return 0x0000, None
+
+
+def out_of_resources() -> Dataset:
+    failure = Dataset()
+    failure.Status = statuses.RETRIEVE_OUT_OF_RESOURCES
+    return failure
+
+
+def suboperation(
+    spool: SpooledDataset, decode: bool, near_failed: list[str]
+) -> Iterator[tuple[int, Dataset]]:
+    """One C-STORE sub-operation for pynetdicom (SpooledInstance, or decoded), then the spool
+    file is removed; an instance the destination did not take is added to ``near_failed``."""
+    try:
+        if decode:
+            yield 0xFF00, dcmread(spool.path)
+            return
+        instance = spooled_instance(spool)
+        yield 0xFF00, instance
+        status = instance.store_status
+        if status is None or metrics.status_class(status) == "failure":
+            near_failed.append(str(instance.SOPInstanceUID))
+    finally:
+        spool.discard()
 
 
 def with_failed_instances(identifier: Dataset | None, near_failed: list[str]) -> Dataset | None:
@@ -147,11 +210,19 @@ def with_failed_instances(identifier: Dataset | None, near_failed: list[str]) ->
     one it sends its own, which already names the near-side failures."""
     if identifier is None or "FailedSOPInstanceUIDList" not in identifier or not near_failed:
         return identifier
-    listed = identifier.FailedSOPInstanceUIDList
-    uids = [listed] if isinstance(listed, str) else [str(uid) for uid in listed]
-    merged = Dataset()
-    merged.update(identifier)
-    merged.FailedSOPInstanceUIDList = list(dict.fromkeys(u for u in uids + near_failed if u))
+    return failed_list_with(identifier, near_failed)
+
+
+def failed_list_with(identifier: Dataset | None, uids: list[str]) -> Dataset:
+    """A copy of a final response's identifier (or a new one) whose Failed SOP Instance UID
+    List also names ``uids``; the identifier itself is left as it is."""
+    merged = copy.deepcopy(identifier) if identifier is not None else Dataset()
+    listed: list[str] = []
+    if "FailedSOPInstanceUIDList" in merged:
+        value = merged.FailedSOPInstanceUIDList
+        listed = [value] if isinstance(value, str) else [str(uid) for uid in value]
+        del merged.FailedSOPInstanceUIDList
+    merged.FailedSOPInstanceUIDList = list(dict.fromkeys(u for u in listed + uids if u))
     return merged
 
 
@@ -173,13 +244,31 @@ class RetrieveCollector:
         self.spool_dir = spool_dir
         self.result = Retrieved(spool_dir=spool_dir)
         self._spooling: dict[int, SpooledDataset] = {}
+        # Guards ``result`` when a RetrieveStream reads it from another thread.
+        self.changed = threading.Condition()
+        self.abandoned = False  # nobody will send what arrives from now on
 
-    def on_response(self, status: Dataset, dataset: Dataset | None) -> None:
-        if int(status.Status) in (0xFF00, 0xFF01):
-            self.result.pending = status
-        else:
-            self.result.final = status
-            self.result.final_identifier = dataset
+    def on_response(
+        self,
+        status: Dataset,
+        dataset: Dataset | None,
+        storage_contexts: list[ContextResult] | None = None,
+    ) -> None:
+        with self.changed:
+            if int(status.Status) in (0xFF00, 0xFF01):
+                self.result.pending = status
+                total = announced_total(status)
+                if self.result.announced is None and total is not None:
+                    self.result.announced = Announcement(total, storage_contexts)
+            else:
+                self.result.final = status
+                self.result.final_identifier = dataset
+            self.changed.notify_all()
+
+    def fail(self, failure: Dataset) -> None:
+        with self.changed:
+            self.result.failure = failure
+            self.changed.notify_all()
 
     def close(self) -> None:
         """Drop instances still arriving (the retrieve ended or failed)."""
@@ -236,7 +325,12 @@ class RetrieveCollector:
                 spool.reply, ErrorHeader(op_id=op_id, reason="protocol", comment=f"dataset {why}")
             )
             return
-        self.result.instances.append(spool)
+        with self.changed:
+            if self.abandoned:
+                spool.discard()
+            else:
+                self.result.instances.append(spool)
+                self.changed.notify_all()
         ok = Dataset()
         ok.Status = 0x0000
         raw = encode_command(ok)
@@ -253,3 +347,79 @@ class RetrieveCollector:
                 self.transport.submit(
                     self.transport.publish(subject, envelope.encode(header, body))
                 )
+
+
+class RetrieveStream:
+    """A retrieve collected on its own thread while pynetdicom already sends the instances
+    that have arrived: once the far side's first pending response has announced how many
+    sub-operations there will be (and, for a C-MOVE, the contexts they come in), the SCU or
+    move destination gets each instance as soon as it is spooled here."""
+
+    def __init__(self, collector: RetrieveCollector, collect: Callable[[], None]):
+        self.collector = collector
+        self.done = False
+        self._thread = threading.Thread(
+            target=self._run, args=(collect,), name="retrieve-collect", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, collect: Callable[[], None]) -> None:
+        try:
+            collect()
+        finally:
+            with self.collector.changed:
+                self.done = True
+                self.collector.changed.notify_all()
+
+    def announced(self, need_contexts: bool) -> Announcement | None:
+        """Wait for the announcement (None: the retrieve ended first, or the far side did not
+        say what is needed to start early)."""
+        result = self.collector.result
+        with self.collector.changed:
+            self.collector.changed.wait_for(lambda: self.done or result.announced is not None)
+            announced = result.announced
+        if announced is None or (need_contexts and not announced.storage_contexts):
+            return None
+        return announced
+
+    def finished(self) -> Retrieved:
+        """The whole retrieve, once the far side has finished."""
+        self._thread.join()
+        return self.collector.result
+
+    def _wait_instance(self, index: int) -> SpooledDataset | None:
+        """The ``index``-th instance once it is spooled; None when the retrieve ended first."""
+        instances = self.collector.result.instances
+        with self.collector.changed:
+            self.collector.changed.wait_for(lambda: self.done or len(instances) > index)
+            return instances[index] if len(instances) > index else None
+
+    def suboperations(self, announced: Announcement, decode: bool = False) -> Iterator[Any]:
+        """pynetdicom's C-GET/C-MOVE handler protocol, streamed: the announced number of
+        sub-operations, each instance as soon as it is spooled, then the final status."""
+        result = self.collector.result
+        index = 0
+        near_failed: list[str] = []
+        try:
+            yield announced.total
+            while True:
+                spool = self._wait_instance(index)
+                if spool is None:
+                    break
+                index += 1
+                if index > announced.total:
+                    # pynetdicom ignores sub-operations beyond the announced number
+                    LOG.warning(
+                        "SCP sent more instances than it announced; instance not sent",
+                        extra={"announced": announced.total},
+                    )
+                    spool.discard()
+                    continue
+                yield from suboperation(spool, decode, near_failed)
+            yield result.final_status(near_failed)
+        finally:
+            with self.collector.changed:
+                self.collector.abandoned = True
+                left = result.instances[index:]
+            for spool in left:
+                spool.discard()

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nats.aio.msg import Msg
 from pydicom.dataset import Dataset
@@ -33,6 +35,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -64,6 +67,7 @@ from dimse_relay.envelope import (
     ResponseHeader,
 )
 from dimse_relay.move_contexts import moved_sop_classes, storage_contexts
+from dimse_relay.retrieve import failed_list_with
 from dimse_relay.streaming import SpooledDataset, await_response, send_dataset
 from dimse_relay.transport import NatsTransport
 from dimse_relay.upper_layer import ULError
@@ -89,10 +93,54 @@ _GET_FOR_MOVE = {
 }
 
 
-@dataclass(frozen=True)
+# Sub-operation instances of one retrieve whose listener-side answer may still be outstanding
+# when the SCP gets its C-STORE response: the SCP's next instance overlaps the NATS round trip.
+RETRIEVE_WINDOW = 32
+
+
+@dataclass
 class _Retrieve:
+    """A C-GET (or the C-GET of a relayed C-MOVE) whose sub-operations arrive now."""
+
     op_id: int
     reply: str  # the listener's inbox for this retrieve
+    # (SOP Instance UID, the listener's answer) of instances sent but not yet answered
+    outstanding: deque[tuple[str, Future[Dataset]]] = field(default_factory=deque)
+    # SOP Instance UIDs the SCP was told were stored but the listener did not store
+    lost: list[str] = field(default_factory=list)
+    # Storage contexts of a C-MOVE's C-GET association, sent once with the first response
+    storage_contexts: list[ContextResult] | None = None
+
+    def settle(self, keep: int, timeout_s: float) -> None:
+        """Wait until at most ``keep`` answers are outstanding; remember the lost instances."""
+        while self.outstanding and (len(self.outstanding) > keep or self.outstanding[0][1].done()):
+            uid, answer = self.outstanding.popleft()
+            try:
+                status = answer.result(timeout_s)
+            except Exception:
+                answer.cancel()
+                self.lost.append(uid)
+                continue
+            if metrics.status_class(int(status.Status)) == "failure":
+                self.lost.append(uid)
+
+
+def reconciled(
+    status: Dataset, identifier: Dataset | None, lost: list[str]
+) -> tuple[Dataset, Dataset | None]:
+    """The SCP's final C-GET response corrected for instances it was told were stored but the
+    listener's agent never stored: counted as failed instead of completed and named in the
+    Failed SOP Instance UID List; a Success becomes Warning 0xB000."""
+    if not lost:
+        return status, identifier
+    fixed = copy.deepcopy(status)
+    completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+    failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+    fixed.NumberOfCompletedSuboperations = max(0, completed - len(lost))
+    fixed.NumberOfFailedSuboperations = failed + len(lost)
+    if int(status.Status) == 0x0000:
+        fixed.Status = 0xB000
+    return fixed, failed_list_with(identifier, lost)
 
 
 class TargetSession:
@@ -398,16 +446,35 @@ class TargetSession:
         SCP sends on it are streamed back to the listener by _on_retrieved_store."""
         msg_id = int(command.MessageID)
         self.running[hdr.op_id] = (msg_id, hdr.abstract_syntax)
-        self.retrieve = _Retrieve(hdr.op_id, reply)
+        retrieve = self.retrieve = _Retrieve(hdr.op_id, reply)
         try:
-            yield from self.assoc.send_c_get(
-                identifier,
-                hdr.abstract_syntax,
-                msg_id=msg_id,
-                priority=int(command.get("Priority", 2)),
+            yield from self._reconciled(
+                retrieve,
+                self.assoc.send_c_get(
+                    identifier,
+                    hdr.abstract_syntax,
+                    msg_id=msg_id,
+                    priority=int(command.get("Priority", 2)),
+                ),
             )
         finally:
             self.retrieve = None
+
+    def _reconciled(
+        self, retrieve: _Retrieve, responses: Iterator[tuple[Dataset, Dataset | None]]
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """The SCP's C-GET responses; before the final one, every instance sent must have
+        been answered by the listener's agent, and those it did not store count as failed."""
+        for status, dataset in responses:
+            if "Status" in status and int(status.Status) not in (0xFF00, 0xFF01):
+                retrieve.settle(0, self.cfg.timeouts.dimse_s)
+                if retrieve.lost:
+                    LOG.warning(
+                        "retrieved instances not stored by the listener's agent",
+                        extra={**self.log_extra, "count": len(retrieve.lost)},
+                    )
+                status, dataset = reconciled(status, dataset, retrieve.lost)
+            yield status, dataset
 
     def _move_responses(
         self, hdr: RequestHeader, command: Dataset, identifier: Dataset, reply: str
@@ -459,14 +526,28 @@ class TargetSession:
             return
         msg_id = int(command.MessageID)
         self.running[hdr.op_id] = (msg_id, get_model)
-        self.retrieve = _Retrieve(hdr.op_id, reply)
+        retrieve = self.retrieve = _Retrieve(hdr.op_id, reply)
+        # The listener's agent opens its move destination association with these contexts
+        # as soon as the first response arrives, before the last instance has.
+        retrieve.storage_contexts = [
+            ContextResult(
+                id=cx.context_id or 1,
+                abstract_syntax=str(cx.abstract_syntax),
+                transfer_syntax=str(cx.transfer_syntax[0]),
+            )
+            for cx in retrieve_assoc.accepted_contexts
+            if str(cx.abstract_syntax) != get_model
+        ]
         self.retrieve_assoc = retrieve_assoc
         try:
-            yield from retrieve_assoc.send_c_get(
-                identifier,
-                get_model,
-                msg_id=msg_id,
-                priority=int(command.get("Priority", 2)),
+            yield from self._reconciled(
+                retrieve,
+                retrieve_assoc.send_c_get(
+                    identifier,
+                    get_model,
+                    msg_id=msg_id,
+                    priority=int(command.get("Priority", 2)),
+                ),
             )
         finally:
             self.retrieve = None
@@ -492,43 +573,64 @@ class TargetSession:
             command_length=len(command),
             dataset_length=path.stat().st_size - offset,
         )
-        future = asyncio.run_coroutine_threadsafe(
-            self._send_instance(retrieve.reply, request, command, path, offset),
-            self.server.transport.loop,
+        loop = self.server.transport.loop
+        sent: Future[None] = Future()
+        answer = asyncio.run_coroutine_threadsafe(
+            self._send_instance(retrieve.reply, request, command, path, offset, sent), loop
         )
         try:
             # Each chunk has its own acknowledgement timeout; the whole instance gets a budget
             # that grows with its size (as on the listener side), not one dimse_s in all.
             chunks = request.dataset_length // self.server.transport.chunk_size
-            status = future.result(self.cfg.timeouts.dimse_s * (2 + chunks))
+            sent.result(self.cfg.timeouts.dimse_s * (2 + chunks))
         except Exception as exc:
-            future.cancel()  # stop publishing chunks nobody will acknowledge
+            answer.cancel()  # stop publishing chunks nobody will acknowledge
             LOG.warning(
                 "retrieved instance not relayed",
                 extra={**self.log_extra, "error": type(exc).__name__},
             )
             return 0xA700
-        return int(status.Status)
+        # Sent whole (the file pynetdicom wrote is no longer needed): the SCP may go on with
+        # the next instance while the listener's agent spools this one, up to a window.
+        # Instances it then fails to store are counted in the final response (_reconciled).
+        sop_instance_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+        retrieve.outstanding.append((sop_instance_uid, answer))
+        retrieve.settle(RETRIEVE_WINDOW - 1, self.cfg.timeouts.dimse_s)
+        return 0x0000
 
     async def _send_instance(
-        self, reply: str, request: RequestHeader, command: bytes, path: Path, offset: int
+        self,
+        reply: str,
+        request: RequestHeader,
+        command: bytes,
+        path: Path,
+        offset: int,
+        sent: Future[None],
     ) -> Dataset:
+        """Send one retrieved instance to the listener (``sent`` is resolved once every byte
+        has been published and its chunks acknowledged), then wait for its answer."""
         transport = self.server.transport
         inbox, replies = transport.replies.new_inbox()
         nats_cfg = self.server.agent_cfg.nats
         try:
-            await send_dataset(
-                transport,
-                reply,
-                inbox,
-                replies,
-                request,
-                command,
-                path,
-                offset,
-                window=nats_cfg.window_chunks,
-                ack_timeout_s=self.cfg.timeouts.dimse_s,
-            )
+            try:
+                await send_dataset(
+                    transport,
+                    reply,
+                    inbox,
+                    replies,
+                    request,
+                    command,
+                    path,
+                    offset,
+                    window=nats_cfg.window_chunks,
+                    ack_timeout_s=self.cfg.timeouts.dimse_s,
+                )
+            except BaseException as exc:
+                if not sent.done():
+                    sent.set_exception(exc)
+                raise
+            sent.set_result(None)
             return await await_response(replies, request.op_id, self.cfg.timeouts.dimse_s)
         finally:
             transport.replies.release(inbox)
@@ -566,6 +668,7 @@ class TargetSession:
                         final=final,
                         command_length=len(raw_status),
                         dataset_length=len(raw) if raw else -1,
+                        storage_contexts=self._announced_contexts(),
                     )
                     publish(envelope.encode(out, raw_status + raw))
                     if final:
@@ -598,6 +701,14 @@ class TargetSession:
             metrics.REQUESTS.labels(role="target", service=hdr.service, status=status_class).inc()
 
         self.server.track(asyncio.ensure_future(run_on_worker()))
+
+    def _announced_contexts(self) -> list[ContextResult] | None:
+        """A C-MOVE's storage contexts, for its first response only."""
+        retrieve = self.retrieve
+        if retrieve is None or retrieve.storage_contexts is None:
+            return None
+        contexts, retrieve.storage_contexts = retrieve.storage_contexts, None
+        return contexts
 
     async def _on_cancel(self, op_id: int) -> None:
         """C-CANCEL from the SCU: send it to the real SCP for the running operation."""
