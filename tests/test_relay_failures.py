@@ -215,6 +215,12 @@ def test_nats_down_gives_status_and_agents_recover(rig: FailureRig) -> None:
             break
         time.sleep(0.5)
     assert statuses == [0]
+    # The server closing the TLS connections is reported once by the agent ("NATS
+    # disconnected"), not also by asyncio as a warning about eof_received.
+    for agent in (rig.edge, rig.cloud):
+        lines = agent.log_lines()
+        assert any(line.get("msg") == "NATS disconnected" for line in lines)
+        assert not [line for line in lines if "eof_received" in str(line.get("msg"))]
 
 
 def _client_tls(pki: TestPKI, name: str) -> ssl.SSLContext:

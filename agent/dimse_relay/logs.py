@@ -63,6 +63,19 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class AsyncioNoiseFilter(logging.Filter):
+    """Drops the asyncio warning every TLS connection to NATS logs when the server closes it
+    (nats-py's stream protocol asks to keep the half-closed connection open, which TLS cannot
+    do; the connection is closed and nats-py reconnects as designed). The agent logs the
+    disconnect itself, so the line only alarmed operators."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "asyncio"
+            and record.getMessage().startswith("returning true from eof_received()")
+        )
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, agent: str):
         super().__init__()
@@ -96,6 +109,7 @@ class TextFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str, agent: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(AsyncioNoiseFilter())
     handler.addFilter(RedactingFilter())
     handler.addFilter(IdentifierFilter(debug=level == "debug"))
     handler.setFormatter(JsonFormatter(agent) if fmt == "json" else TextFormatter())
