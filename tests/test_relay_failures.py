@@ -530,6 +530,51 @@ def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_pa
     assert len(rig.good_scp.files()) == 1
 
 
+def test_cloud_agent_stopped_mid_instance_fails_the_store_at_once(
+    rig: FailureRig, tmp_path: Path
+) -> None:
+    """SIGTERM the cloud agent while a 300 MB instance is streaming (the listener would wait
+    up to 60 s for a chunk acknowledgement): the stopping agent tells the listener why (the
+    retryable "unavailable", not a broken SCP association), so storescu gets a failure within
+    seconds, the SCP keeps nothing, and a restarted agent serves again."""
+    from tests.harness.dicom import make_large_instance, storescu
+
+    big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
+    rig.good_scp.clear()
+    before = rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received")
+    result: dict[str, object] = {}
+    sender = threading.Thread(
+        target=lambda: result.update(r=storescu(rig.port, [big], "GOODBIG", timeout=180))
+    )
+    sender.start()
+    deadline = time.monotonic() + 120
+    while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < before + (
+        20 << 20
+    ):
+        assert sender.is_alive(), f"storescu ended before the stop: {result}\n{rig.edge.log_tail()}"
+        assert time.monotonic() < deadline, f"transfer never started\n{rig.edge.log_tail()}"
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    rig.cloud.stop()
+    sender.join(180)
+    took = time.monotonic() - stopped
+    out = result["r"]
+    assert out.statuses() != ["Success"], out.output[-2000:]  # type: ignore[attr-defined]
+    assert took < 20, f"{took:.1f} s: the listener waited for its chunk_ack_s"
+    assert any(
+        line.get("msg") == "relay failed" and line.get("why") == "target agent stopping"
+        for line in rig.edge.log_lines()
+    ), rig.edge.log_tail()
+    time.sleep(1)
+    assert rig.good_scp.files() == []
+    rig.cloud.start()
+    deadline = time.monotonic() + 20
+    while pynetdicom_store(rig.port, "GOODSCP", [CT]) != [0]:
+        assert time.monotonic() < deadline, rig.cloud.log_tail()
+        time.sleep(0.5)
+    assert len(rig.good_scp.files()) == 1
+
+
 def test_subscription_refused_by_server_permissions_makes_agent_unready(
     tmp_path: Path, pki: TestPKI
 ) -> None:

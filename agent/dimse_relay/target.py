@@ -1052,10 +1052,20 @@ class TargetSession:
             return up.reply
         return None
 
-    async def close(self, mode: str) -> None:
+    async def close(self, mode: str, notify: str = "") -> None:
+        """End the session. ``notify``: tell the listener why its C-STORE still on its way
+        will not complete (ERROR ``unavailable``), so its SCU hears at once, not after a
+        chunk acknowledgement timeout (the agent is stopping)."""
         if self.closed:
             return
         self.closed = True
+        if notify:
+            in_flight = [(up.reply, up.request.op_id) for up in self.uploads.values()]
+            if self.direct is not None and self.direct.upload is not None:
+                in_flight.append((self.direct.upload.reply, self.direct.upload.request.op_id))
+            for reply, op_id in in_flight:
+                with contextlib.suppress(Exception):
+                    await self._reply_error(reply, op_id, "unavailable", notify)
         self.server.sessions.pop(self.session_id, None)
         metrics.ACTIVE_SESSIONS.labels(role="target").set(len(self.server.sessions))
         if self.sub is not None:
@@ -1227,7 +1237,7 @@ class TargetServer:
         if self._reaper is not None:
             self._reaper.cancel()
         for session in list(self.sessions.values()):
-            await session.close("release")
+            await session.close("release", notify="target agent stopping")
         for sink in self.sinks.values():
             with contextlib.suppress(Exception):
                 sink.close()
