@@ -443,6 +443,35 @@ listeners:
     assert "listeners.0.port" in run.stderr
 
 
+def test_check_config_catches_wrong_key_and_unquoted_numbers(tmp_path: Path, pki: TestPKI) -> None:
+    """A key that belongs to another certificate, a CA file that is no certificate and an AE
+    title YAML reads as a number: each named, before the agent would fail its TLS handshakes."""
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    edge, cloud = pki.client("edge"), pki.client("cloud")
+    cfg = write_config(
+        tmp_path / "wrong.yml",
+        f"""
+nats:
+  servers: [tls://localhost:4222]
+  tls: {{ca_file: {pki.ca}, cert_file: {edge.cert}, key_file: {cloud.key}}}
+listeners:
+  - {{ae_title: 1234, port: 11112}}
+  - ae_title: TLSPACS
+    port: 11113
+    tls: {{cert_file: {edge.cert}, key_file: {edge.key}, ca_file: {not_pem}}}
+""",
+    )
+    proc = subprocess.run(
+        [str(DIMSE_RELAY), "check-config", str(cfg)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert f"key_file {cloud.key} is not the private key of cert_file" in err, err
+    assert "listeners.0.ae_title" in err and "write the value in quotes" in err, err
+    assert "listeners.1.tls" in err and f"ca_file: no PEM certificate in {not_pem}" in err, err
+
+
 def test_check_config_accepts_valid_and_reports_yaml_errors(tmp_path: Path, pki: TestPKI) -> None:
     edge = pki.client("edge")
     good = write_config(

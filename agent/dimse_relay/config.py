@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import urllib.parse
 from collections.abc import Hashable
 from pathlib import Path
@@ -48,6 +49,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_key_pair(cert_file: Path, key_file: Path, ca_file: Path | None) -> None:
+    """The files load as the agent will load them: a PEM CA bundle, a certificate and the
+    unencrypted private key that belongs to it. Otherwise the agent would start and then
+    fail every TLS connection with an OpenSSL error."""
+
+    def encrypted() -> bytes:
+        raise ValueError(f"key_file is encrypted; the agent needs an unencrypted key: {key_file}")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(ca_file))
+            except ssl.SSLError:
+                raise ValueError(f"ca_file: no PEM certificate in {ca_file}") from None
+        ctx.load_cert_chain(str(cert_file), str(key_file), password=encrypted)
+    except PermissionError as exc:
+        raise ValueError(f"cannot read {exc.filename} as this user") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise ValueError(
+                f"key_file {key_file} is not the private key of cert_file {cert_file}"
+            ) from None
+        why = f" ({exc.reason})" if exc.reason else ""
+        raise ValueError(
+            f"cert_file/key_file: not a PEM certificate and its private key{why}: "
+            f"{cert_file}, {key_file}"
+        ) from None
+
+
 class TLSConfig(_Strict):
     """TLS material for the NATS connection (mutual TLS: the agent presents a client cert)."""
 
@@ -62,6 +93,7 @@ class TLSConfig(_Strict):
             path: Path = getattr(self, name)
             if not path.is_file():
                 raise ValueError(f"{name}: file not found: {path}")
+        _check_key_pair(self.cert_file, self.key_file, self.ca_file)
         return self
 
 
@@ -165,6 +197,7 @@ class DimseTLSConfig(_Strict):
                 raise ValueError(f"{name}: file not found: {path}")
         if self.require_client_cert and self.ca_file is None:
             raise ValueError("require_client_cert needs ca_file to verify SCU certificates")
+        _check_key_pair(self.cert_file, self.key_file, self.ca_file)
         return self
 
 
@@ -602,6 +635,9 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[s
 def _format_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err.get("type") == "string_type" and isinstance(err.get("input"), int | float | bool):
+        # YAML reads 1234, 1.5, yes and no as numbers and booleans (an AE title 1234)
+        msg += " (YAML read a number or true/false: write the value in quotes)"
     return f"{loc}: {msg}"
 
 
