@@ -916,7 +916,7 @@ def test_sites_model_accepts_sink_targets_and_permits_their_events() -> None:
     ]
 
 
-def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path) -> None:
+def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path, pki: TestPKI) -> None:
     """The relay_agent role's templates, rendered by ansible for a cloud agent with sink
     targets: dimse-relay check-config accepts the configuration, the unit makes the
     filesystem root writable."""
@@ -929,8 +929,9 @@ def test_relay_agent_role_renders_a_valid_sink_configuration(tmp_path: Path) -> 
     conf = tmp_path / "etc"
     (conf / "tls").mkdir(parents=True)
     (conf / "secrets").mkdir()
-    for name in ("ca.crt", "agent.crt", "agent.key"):
-        (conf / "tls" / name).write_text("x")
+    cloud = pki.client("cloud")  # check-config loads them as the agent would
+    for name, source in (("ca.crt", pki.ca), ("agent.crt", cloud.cert), ("agent.key", cloud.key)):
+        shutil.copyfile(source, conf / "tls" / name)
     (conf / "secrets" / "archive").write_text("token\n")
     sites = json.loads(json.dumps(SINK_SITES))
     sites["cloud"]["targets"][0]["dicomweb"]["auth"]["token_file"] = str(conf / "secrets/archive")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.harness.pki import TestPKI
 
 from dimse_relay import envelope, subjects
 from dimse_relay.config import ConfigError, load_config, parse_config
@@ -267,14 +268,13 @@ def test_config_environment_overrides_secrets() -> None:
     assert cfg.nats.servers == ["tls://a:4222", "tls://b:4222"]
 
 
-def test_listener_tls_config_checks(tmp_path: Path) -> None:
-    cert = tmp_path / "c.pem"
-    cert.write_text("x")
-    tls = {"cert_file": str(cert), "key_file": str(cert), "require_client_cert": True}
+def test_listener_tls_config_checks(pki: TestPKI) -> None:
+    edge = pki.client("edge")
+    tls = {"cert_file": str(edge.cert), "key_file": str(edge.key), "require_client_cert": True}
     with pytest.raises(ConfigError) as err:
         parse_config(base_config(listeners=[{"ae_title": "A", "port": 104, "tls": tls}]), {})
     assert any("require_client_cert needs ca_file" in e for e in err.value.errors)
-    ok = {"cert_file": str(cert), "key_file": str(cert)}
+    ok = {"cert_file": str(edge.cert), "key_file": str(edge.key)}
     with pytest.raises(ConfigError) as err:
         parse_config(
             base_config(
