@@ -444,11 +444,15 @@ listeners:
 
 
 def test_check_config_catches_wrong_key_and_unquoted_numbers(tmp_path: Path, pki: TestPKI) -> None:
-    """A key that belongs to another certificate, a CA file that is no certificate and an AE
-    title YAML reads as a number: each named, before the agent would fail its TLS handshakes."""
+    """A key that belongs to another certificate, a CA file that is no certificate, an
+    encrypted key and an AE title YAML reads as a number: each named, before the agent would
+    fail its TLS handshakes."""
     not_pem = tmp_path / "ca.txt"
     not_pem.write_text("not a certificate\n")
     edge, cloud = pki.client("edge"), pki.client("cloud")
+    encrypted = tmp_path / "encrypted.key"
+    lock = ["openssl", "pkey", "-aes256", "-passout", "pass:x"]
+    subprocess.run([*lock, "-in", str(edge.key), "-out", str(encrypted)], check=True)
     cfg = write_config(
         tmp_path / "wrong.yml",
         f"""
@@ -460,6 +464,9 @@ listeners:
   - ae_title: TLSPACS
     port: 11113
     tls: {{cert_file: {edge.cert}, key_file: {edge.key}, ca_file: {not_pem}}}
+  - ae_title: LOCKED
+    port: 11114
+    tls: {{cert_file: {edge.cert}, key_file: {encrypted}}}
 """,
     )
     proc = subprocess.run(
@@ -470,6 +477,8 @@ listeners:
     assert f"key_file {cloud.key} is not the private key of cert_file" in err, err
     assert "listeners.0.ae_title" in err and "write the value in quotes" in err, err
     assert "listeners.1.tls" in err and f"ca_file: no PEM certificate in {not_pem}" in err, err
+    assert "listeners.2.tls" in err, err
+    assert f"key_file is encrypted; the agent needs an unencrypted key: {encrypted}" in err, err
 
 
 def test_check_config_accepts_valid_and_reports_yaml_errors(tmp_path: Path, pki: TestPKI) -> None:
@@ -588,7 +597,8 @@ def test_cloud_agent_stopped_mid_instance_fails_the_store_at_once(
     sender.join(180)
     took = time.monotonic() - stopped
     out = result["r"]
-    assert out.statuses() != ["Success"], out.output[-2000:]  # type: ignore[attr-defined]
+    # 0xA700, as DCMTK names it
+    assert out.statuses() == ["Refused: OutOfResources"], out.output[-2000:]  # type: ignore[attr-defined]
     assert took < 20, f"{took:.1f} s: the listener waited for its chunk_ack_s"
     assert any(
         line.get("msg") == "relay failed" and line.get("why") == "target agent stopping"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -317,12 +318,15 @@ def test_streamed_retrieve_cut_short_is_not_success(tmp_path: Path) -> None:
     assert last.NumberOfFailedSuboperations == 1
 
 
-def test_streamed_retrieve_sends_no_more_than_announced(
+def test_streamed_retrieve_with_more_instances_than_announced_is_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An SCP that sends more instances than it announced: pynetdicom cannot send them, so
-    the extra one is dropped with a warning (and its spool file removed), never half-sent."""
+    """An SCP that sends more instances than it announced: pynetdicom cannot send more than
+    announced, and would report Success after the last announced one. The last announced
+    instance therefore waits for the far side's end; it and the extra one are listed as
+    failed in a Warning (their spool files removed), never half-sent or silently dropped."""
     paths = [_instance(tmp_path, i) for i in range(3)]
+    uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths]
 
     def far_side(collector: RetrieveCollector) -> None:
         collector.result.instances.append(_Spooled(paths[0]))  # type: ignore[arg-type]
@@ -333,10 +337,36 @@ def test_streamed_retrieve_sends_no_more_than_announced(
 
     stored: list[str] = []
     responses = _streamed_get(far_side, lambda e: stored.append("x") or 0x0000)
-    assert len(stored) == 2
-    assert responses[-1][0].NumberOfCompletedSuboperations == 2
+    assert len(stored) == 1
+    final, identifier = responses[-1]
+    assert final.Status == 0xB000
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfFailedSuboperations == 1  # pynetdicom counts the one still open
+    assert identifier is not None
+    assert list(identifier.FailedSOPInstanceUIDList) == uids[1:]
     assert "more instances than it announced" in caplog.text
     assert not any(p.exists() for p in paths)
+
+
+def test_streamed_retrieve_of_exactly_the_announced_instances_is_success(tmp_path: Path) -> None:
+    """The last announced instance waits for the far side's final response and is then sent:
+    every instance stored, Success."""
+    paths = [_instance(tmp_path, i) for i in range(2)]
+
+    def far_side(collector: RetrieveCollector) -> None:
+        collector.result.instances.append(_Spooled(paths[0]))  # type: ignore[arg-type]
+        collector.on_response(_pending(1, 1), None)
+        with collector.changed:
+            collector.result.instances.append(_Spooled(paths[1]))  # type: ignore[arg-type]
+            collector.changed.notify_all()
+        time.sleep(0.2)  # the final response comes after the last instance
+        collector.on_response(_final(0x0000, Completed=2), None)
+
+    stored: list[str] = []
+    responses = _streamed_get(far_side, lambda e: stored.append("x") or 0x0000)
+    assert len(stored) == 2
+    assert responses[-1][0].Status == 0x0000
+    assert responses[-1][0].NumberOfCompletedSuboperations == 2
 
 
 def test_retrieve_without_counts_is_collected_first(tmp_path: Path) -> None:
@@ -347,6 +377,7 @@ def test_retrieve_without_counts_is_collected_first(tmp_path: Path) -> None:
     def no_counts(collector: RetrieveCollector) -> None:
         pending = Dataset()
         pending.Status = 0xFF00
+        pending.NumberOfRemainingSuboperations = 1  # without the other three counts
         with collector.changed:
             collector.result.instances.extend(_Spooled(p) for p in paths)  # type: ignore[misc]
         collector.on_response(pending, None)

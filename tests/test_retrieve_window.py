@@ -56,6 +56,19 @@ def test_lost_instances_join_the_scps_own_failed_list_and_status() -> None:
     assert cancelled.Status == 0xFE00, "a cancel or failure keeps its own status"
 
 
+def test_every_completed_instance_lost_is_a_failure_and_absent_counts_stay_absent() -> None:
+    status, identifier = reconciled(_status(0x0000, 2), None, ["1.2.3", "1.2.4"])
+    assert status.Status == 0xA702, "no sub-operation completed: Failure, as pynetdicom sends"
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (0, 2)
+    bare = Dataset()
+    bare.Status = 0x0000
+    status, identifier = reconciled(bare, None, ["1.2.3"])
+    assert status.Status == 0xB000
+    assert "NumberOfCompletedSuboperations" not in status
+    assert "NumberOfFailedSuboperations" not in status
+    assert identifier is not None and identifier.FailedSOPInstanceUIDList == "1.2.3"
+
+
 def test_settle_keeps_at_most_the_window_outstanding_and_records_failures() -> None:
     retrieve = _Retrieve(op_id=1, reply="inbox")
     retrieve.outstanding.append(("1.1", _answered(0x0000)))

@@ -717,6 +717,9 @@ class ListenerServer:
                     collector.on_response(*item)
                 if collector.abandoned:
                     break  # the SCU or destination is gone: cancel the far retrieve
+        except Exception:
+            LOG.exception("retrieve failed", extra={**relayed.log_extra, "service": service})
+            collector.fail(self._failure_status(service, statuses.PROTOCOL_ERROR))
         finally:
             collector.close()
         final = collector.result.final

@@ -86,14 +86,14 @@ class Announcement:
 
 def announced_total(pending: Dataset) -> int | None:
     """The number of sub-operations a pending C-GET response announces (remaining plus those
-    done), or None when it does not say how many remain."""
+    done), or None when it does not give all four counts (the total would be a guess)."""
     counts = [
         pending.get(f"NumberOf{kind}Suboperations")
         for kind in ("Remaining", "Completed", "Failed", "Warning")
     ]
-    if counts[0] is None:
+    if any(count is None for count in counts):
         return None
-    return sum(int(count or 0) for count in counts)
+    return sum(int(count) for count in counts)
 
 
 @dataclass
@@ -247,6 +247,7 @@ class RetrieveCollector:
         # Guards ``result`` when a RetrieveStream reads it from another thread.
         self.changed = threading.Condition()
         self.abandoned = False  # nobody will send what arrives from now on
+        self._storage_contexts: list[ContextResult] | None = None
 
     def on_response(
         self,
@@ -255,11 +256,14 @@ class RetrieveCollector:
         storage_contexts: list[ContextResult] | None = None,
     ) -> None:
         with self.changed:
+            # A C-MOVE's storage contexts come with the far side's first response, which
+            # need not be the one that gives the counts.
+            self._storage_contexts = storage_contexts or self._storage_contexts
             if int(status.Status) in (0xFF00, 0xFF01):
                 self.result.pending = status
                 total = announced_total(status)
                 if self.result.announced is None and total is not None:
-                    self.result.announced = Announcement(total, storage_contexts)
+                    self.result.announced = Announcement(total, self._storage_contexts)
             else:
                 self.result.final = status
                 self.result.final_identifier = dataset
@@ -382,6 +386,20 @@ class RetrieveStream:
             return None
         return announced
 
+    @staticmethod
+    def _more_than_announced(
+        announced: Announcement, unsent: list[SpooledDataset]
+    ) -> tuple[Dataset, Dataset]:
+        LOG.warning(
+            "SCP sent more instances than it announced; the last announced and the extra "
+            "ones are not sent and are listed as failed",
+            extra={"announced": announced.total, "count": len(unsent)},
+        )
+        status = Dataset()
+        status.Status = statuses.RETRIEVE_SUBOPERATIONS_FAILED
+        uids = [str(spool.command.AffectedSOPInstanceUID) for spool in unsent]
+        return status, failed_list_with(None, uids)
+
     def finished(self) -> Retrieved:
         """The whole retrieve, once the far side has finished."""
         self._thread.join()
@@ -394,9 +412,18 @@ class RetrieveStream:
             self.collector.changed.wait_for(lambda: self.done or len(instances) > index)
             return instances[index] if len(instances) > index else None
 
+    def _wait_finished(self) -> None:
+        with self.collector.changed:
+            self.collector.changed.wait_for(lambda: self.done)
+
     def suboperations(self, announced: Announcement, decode: bool = False) -> Iterator[Any]:
         """pynetdicom's C-GET/C-MOVE handler protocol, streamed: the announced number of
-        sub-operations, each instance as soon as it is spooled, then the final status."""
+        sub-operations, each instance as soon as it is spooled, then the final status.
+
+        Once the last announced sub-operation is done pynetdicom ends the retrieve with its
+        own final status, so the last announced instance waits for the far side's final
+        response: if the SCP sent more instances than it announced, the retrieve ends with
+        Warning 0xB000 naming that instance and the extra ones as failed instead."""
         result = self.collector.result
         index = 0
         near_failed: list[str] = []
@@ -407,14 +434,13 @@ class RetrieveStream:
                 if spool is None:
                     break
                 index += 1
-                if index > announced.total:
-                    # pynetdicom ignores sub-operations beyond the announced number
-                    LOG.warning(
-                        "SCP sent more instances than it announced; instance not sent",
-                        extra={"announced": announced.total},
-                    )
-                    spool.discard()
-                    continue
+                if index == announced.total:
+                    self._wait_finished()
+                    if len(result.instances) > index:
+                        unsent = self._more_than_announced(announced, result.instances[index - 1 :])
+                        spool.discard()  # the extra ones are discarded below
+                        yield unsent
+                        return
                 yield from suboperation(spool, decode, near_failed)
             yield result.final_status(near_failed)
         finally:

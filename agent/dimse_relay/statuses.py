@@ -21,6 +21,9 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 FIND_OUT_OF_RESOURCES = 0xA700
 # C-GET / C-MOVE "Refused: Out of Resources - Unable to perform sub-operations" (C.4.2.1.5).
 RETRIEVE_OUT_OF_RESOURCES = 0xA702
+# C-GET / C-MOVE "Warning: Sub-operations complete - one or more failures or warnings"
+# (C.4.2.1.5): a retrieve whose instances did not all reach the SCU or move destination.
+RETRIEVE_SUBOPERATIONS_FAILED = 0xB000
 # C-MOVE "Refused: Move Destination unknown".
 MOVE_DESTINATION_UNKNOWN = 0xA801
 

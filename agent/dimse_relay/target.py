@@ -40,7 +40,16 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dimse_relay import command_set, direct_target, envelope, metrics, sinks, subjects, upper_layer
+from dimse_relay import (
+    command_set,
+    direct_target,
+    envelope,
+    metrics,
+    sinks,
+    statuses,
+    subjects,
+    upper_layer,
+)
 from dimse_relay.config import AgentConfig, TargetConfig
 from dimse_relay.dicom import (
     SOCKET_HANDLERS,
@@ -129,17 +138,27 @@ def reconciled(
     status: Dataset, identifier: Dataset | None, lost: list[str]
 ) -> tuple[Dataset, Dataset | None]:
     """The SCP's final C-GET response corrected for instances it was told were stored but the
-    listener's agent never stored: counted as failed instead of completed and named in the
-    Failed SOP Instance UID List; a Success becomes Warning 0xB000."""
+    listener's agent never stored: counted as failed instead of completed (where the SCP gave
+    the counts) and named in the Failed SOP Instance UID List. A Success becomes Warning
+    0xB000, or Failure 0xA702 when no sub-operation is left completed or with a warning."""
     if not lost:
         return status, identifier
     fixed = copy.deepcopy(status)
-    completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
-    failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-    fixed.NumberOfCompletedSuboperations = max(0, completed - len(lost))
-    fixed.NumberOfFailedSuboperations = failed + len(lost)
-    if int(status.Status) == 0x0000:
-        fixed.Status = 0xB000
+    completed = status.get("NumberOfCompletedSuboperations")
+    if completed is not None:
+        completed = max(0, int(completed) - len(lost))
+        fixed.NumberOfCompletedSuboperations = completed
+        fixed.NumberOfFailedSuboperations = int(
+            status.get("NumberOfFailedSuboperations", 0) or 0
+        ) + len(lost)
+    if int(status.Status) in (statuses.SUCCESS, statuses.RETRIEVE_SUBOPERATIONS_FAILED):
+        warned = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+        nothing_done = completed == 0 and warned == 0
+        fixed.Status = (
+            statuses.RETRIEVE_OUT_OF_RESOURCES
+            if nothing_done
+            else statuses.RETRIEVE_SUBOPERATIONS_FAILED
+        )
     return fixed, failed_list_with(identifier, lost)
 
 
