@@ -528,11 +528,11 @@ def test_agent_refuses_a_server_that_does_not_negotiate_tls(tmp_path: Path, pki:
         plain.stop()
 
 
-def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_path: Path) -> None:
-    """SIGKILL the edge agent while a 300 MB instance is streaming: the target SCP never
-    completes any of it (the cloud agent passes the instance on as it arrives but holds back
-    its last fragment; it finds the listener gone within seconds and aborts, on which the SCP
-    discards what it had), and the cloud agent keeps serving once the edge agent is back."""
+def _big_store_under_way(
+    rig: FailureRig, tmp_path: Path
+) -> tuple[threading.Thread, dict[str, object]]:
+    """storescu sending a 300 MB instance to GOODBIG on its own thread, returned once 20 MiB
+    of it have reached the cloud agent; ``result["r"]`` is storescu's result when it ends."""
     from tests.harness.dicom import make_large_instance, storescu
 
     big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
@@ -547,9 +547,18 @@ def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_pa
     while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < before + (
         20 << 20
     ):
-        assert sender.is_alive(), f"storescu ended before the kill: {result}\n{rig.edge.log_tail()}"
+        assert sender.is_alive(), f"storescu ended early: {result}\n{rig.edge.log_tail()}"
         assert time.monotonic() < deadline, f"transfer never started\n{rig.edge.log_tail()}"
         time.sleep(0.05)
+    return sender, result
+
+
+def test_edge_killed_mid_instance_leaves_nothing_partial(rig: FailureRig, tmp_path: Path) -> None:
+    """SIGKILL the edge agent while a 300 MB instance is streaming: the target SCP never
+    completes any of it (the cloud agent passes the instance on as it arrives but holds back
+    its last fragment; it finds the listener gone within seconds and aborts, on which the SCP
+    discards what it had), and the cloud agent keeps serving once the edge agent is back."""
+    sender, result = _big_store_under_way(rig, tmp_path)
     rig.edge.kill()
     sender.join(180)
     assert result["r"].statuses() != ["Success"]  # type: ignore[attr-defined]
@@ -575,23 +584,7 @@ def test_cloud_agent_stopped_mid_instance_fails_the_store_at_once(
     up to 60 s for a chunk acknowledgement): the stopping agent tells the listener why (the
     retryable "unavailable", not a broken SCP association), so storescu gets a failure within
     seconds, the SCP keeps nothing, and a restarted agent serves again."""
-    from tests.harness.dicom import make_large_instance, storescu
-
-    big = make_large_instance(tmp_path / "big.dcm", 300 * 1024 * 1024)
-    rig.good_scp.clear()
-    before = rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received")
-    result: dict[str, object] = {}
-    sender = threading.Thread(
-        target=lambda: result.update(r=storescu(rig.port, [big], "GOODBIG", timeout=180))
-    )
-    sender.start()
-    deadline = time.monotonic() + 120
-    while rig.cloud.metric("dimse_relay_dataset_bytes_total", direction="received") < before + (
-        20 << 20
-    ):
-        assert sender.is_alive(), f"storescu ended before the stop: {result}\n{rig.edge.log_tail()}"
-        assert time.monotonic() < deadline, f"transfer never started\n{rig.edge.log_tail()}"
-        time.sleep(0.05)
+    sender, result = _big_store_under_way(rig, tmp_path)
     stopped = time.monotonic()
     rig.cloud.stop()
     sender.join(180)
