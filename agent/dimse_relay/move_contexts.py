@@ -28,10 +28,30 @@ FIND_FOR_MOVE = {
     "1.2.840.10008.5.1.4.1.2.2.2": "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root
 }
 STORAGE_CONTEXTS = 127  # 128 presentation contexts, one of them for the C-GET model
-# Uncompressed first, the retired big endian last: when there is no room for every syntax of
-# every SOP class, the rarest are left out.
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts != _BIG_ENDIAN] + [_BIG_ENDIAN]
+# The syntaxes images are stored in most, in that order; the others (video, JPIP, JPEG XL,
+# HTJ2K, SMPTE) follow in pynetdicom's order. When a move covers several SOP classes there is
+# no room for every syntax of each, and the rarest are left out: with five classes each gets
+# 25, all of these included.
+COMMON_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still in old archives)
+    "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile / Main Level
+    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile / Level 4.1
+]
+TRANSFER_SYNTAXES = COMMON_TRANSFER_SYNTAXES + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in COMMON_TRANSFER_SYNTAXES
+]
 
 
 def storage_contexts(sop_classes: list[str] | None) -> list[PresentationContext]:
