@@ -6,6 +6,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import ssl
@@ -92,7 +93,7 @@ class TLSConfig(_Strict):
         for name in ("ca_file", "cert_file", "key_file"):
             path: Path = getattr(self, name)
             if not path.is_file():
-                raise ValueError(f"{name}: file not found: {path}")
+                raise ValueError(f"{name}: no such file (or not a regular file): {path}")
         _check_key_pair(self.cert_file, self.key_file, self.ca_file)
         return self
 
@@ -194,7 +195,7 @@ class DimseTLSConfig(_Strict):
         for name in ("cert_file", "key_file", "ca_file"):
             path: Path | None = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{name}: file not found: {path}")
+                raise ValueError(f"{name}: no such file (or not a regular file): {path}")
         if self.require_client_cert and self.ca_file is None:
             raise ValueError("require_client_cert needs ca_file to verify SCU certificates")
         _check_key_pair(self.cert_file, self.key_file, self.ca_file)
@@ -416,7 +417,7 @@ class DicomwebSinkConfig(_Strict):
         for name in ("ca_file", "cert_file", "key_file"):
             path: Path | None = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{name}: file not found: {path}")
+                raise ValueError(f"{name}: no such file (or not a regular file): {path}")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if not self.verify_tls and self.ca_file is not None:
@@ -635,9 +636,11 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[s
 def _format_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err.get("type") == "string_type" and isinstance(err.get("input"), int | float | bool):
-        # YAML reads 1234, 1.5, yes and no as numbers and booleans (an AE title 1234)
-        msg += " (YAML read a number or true/false: write the value in quotes)"
+    if err.get("type") == "string_type" and isinstance(
+        err.get("input"), int | float | bool | datetime.date
+    ):
+        # YAML reads 1234, 1.5, yes, no and 2024-01-01 as numbers, booleans and dates
+        msg += " (YAML read a number, true/false or a date: write the value in quotes)"
     return f"{loc}: {msg}"
 
 
