@@ -432,7 +432,7 @@ listeners:
     assert proc.returncode == 2
     err = proc.stderr
     assert "nats.tls: Value error" in err or "nats.tls" in err
-    assert "key_file: file not found" in err
+    assert "key_file: no such file (or not a regular file)" in err
     assert "listeners.0.ae_title" in err and "at most 16" in err
     assert "listeners.0.port" in err
     assert "listeners.0.colour" in err
@@ -467,6 +467,7 @@ listeners:
   - ae_title: LOCKED
     port: 11114
     tls: {{cert_file: {edge.cert}, key_file: {encrypted}}}
+  - {{ae_title: 2024-01-01, port: 11115}}
 """,
     )
     proc = subprocess.run(
@@ -478,6 +479,7 @@ listeners:
     assert "listeners.0.ae_title" in err and "write the value in quotes" in err, err
     assert "listeners.1.tls" in err and f"ca_file: no PEM certificate in {not_pem}" in err, err
     assert "listeners.2.tls" in err, err
+    assert "listeners.3.ae_title" in err and "true/false or a date: write the value" in err, err
     assert f"key_file is encrypted; the agent needs an unencrypted key: {encrypted}" in err, err
 
 
@@ -605,6 +607,49 @@ def test_cloud_agent_stopped_mid_instance_fails_the_store_at_once(
         assert time.monotonic() < deadline, rig.cloud.log_tail()
         time.sleep(0.5)
     assert len(rig.good_scp.files()) == 1
+
+
+def test_cloud_agent_stopped_during_many_small_stores_fails_the_rest_at_once(
+    rig: FailureRig, tmp_path: Path
+) -> None:
+    """SIGTERM the cloud agent while storescu sends 300 small instances on one association
+    (listener request_s 120 s): the request the stopping agent still holds is answered
+    "target agent stopping", one that reaches its session subject after it is gone gets
+    NATS's "no responders"; either way storescu gets 0xA700 at once instead of after
+    request_s, every Success is at the SCP, and a restarted agent serves again."""
+    from tests.harness.dicom import small_instances, storescu
+
+    files = small_instances(tmp_path / "small", 300)
+    rig.good_scp.clear()
+    result: dict[str, object] = {}
+    sender = threading.Thread(
+        target=lambda: result.update(r=storescu(rig.port, files, "GOODBIG", timeout=300))
+    )
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(rig.good_scp.files()) < 20:
+        assert sender.is_alive(), f"storescu ended before the stop: {result}"
+        assert time.monotonic() < deadline, rig.edge.log_tail()
+        time.sleep(0.01)
+    stopped = time.monotonic()
+    rig.cloud.stop()
+    sender.join(300)
+    took = time.monotonic() - stopped
+    out = result["r"]
+    answers = out.statuses()  # type: ignore[attr-defined]
+    assert took < 30, f"{took:.1f} s after the stop: a request waited for its timeout"
+    succeeded = answers.count("Success")
+    assert succeeded >= 20, out.output[-2000:]  # type: ignore[attr-defined]
+    # storescu halts at the first failure status: 0xA700, as DCMTK names it
+    assert answers == ["Success"] * succeeded + ["Refused: OutOfResources"], answers[-3:]
+    time.sleep(1)
+    # an instance in flight at the stop may be stored although it was answered 0xA700
+    assert succeeded <= len(rig.good_scp.files()) <= succeeded + 1
+    rig.cloud.start()
+    deadline = time.monotonic() + 20
+    while pynetdicom_store(rig.port, "GOODSCP", [CT]) != [0]:
+        assert time.monotonic() < deadline, rig.cloud.log_tail()
+        time.sleep(0.5)
 
 
 def test_subscription_refused_by_server_permissions_makes_agent_unready(

@@ -4,6 +4,9 @@ retrieve, sub-operation counts and final statuses are relayed, unknown destinati
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -333,3 +337,49 @@ def test_move_keeps_the_transfer_syntax_the_pacs_holds(rig: RetrieveRig, name: s
     expected = {f.name: dataset_bytes(f) for f in rig.direct_dest.files()}
     assert len(expected) == 1
     assert {f.name: dataset_bytes(f) for f in rig.relay_dest.files()} == expected
+
+
+def test_edge_agent_stopped_mid_retrieve_answers_the_scu_and_exits(rig: RetrieveRig) -> None:
+    """A C-GET waits for a far side that has stopped answering (the cloud agent frozen with
+    SIGSTOP) when the edge agent is told to stop: the SCU gets a failure status within
+    seconds, the agent exits on its own (not killed after the harness's 15 s), and a
+    restarted agent serves again."""
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        LOOPBACK,
+        rig.port,
+        ae_title="PACS",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
+    )
+    assert assoc.is_established
+    answers: list[Dataset] = []
+    assert rig.cloud.proc is not None
+    os.kill(rig.cloud.proc.pid, signal.SIGSTOP)
+    try:
+        getter = threading.Thread(
+            target=lambda: answers.extend(
+                status
+                for status, _ in assoc.send_c_get(
+                    study_identifier(rig.study_uid), StudyRootQueryRetrieveInformationModelGet
+                )
+            )
+        )
+        getter.start()
+        time.sleep(1.0)  # the request is out; the far side does not answer
+        stopped = time.monotonic()
+        rig.edge.stop()
+        took = time.monotonic() - stopped
+        getter.join(10)
+    finally:
+        os.kill(rig.cloud.proc.pid, signal.SIGCONT)
+        if assoc.is_established:
+            assoc.abort()
+    assert took < 10, f"{took:.1f} s to stop\n{rig.edge.log_tail()}"
+    assert rig.edge.proc is not None and rig.edge.proc.returncode == 0, rig.edge.log_tail()
+    assert answers and answers[-1].Status == 0xA702, answers
+    rig.edge.start()
+    statuses, received = get(rig.port, "PACS", study_identifier(rig.study_uid))
+    assert statuses[-1].Status == 0x0000 and len(received) == STUDY_SIZE

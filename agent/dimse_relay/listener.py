@@ -75,7 +75,7 @@ from dimse_relay.session import (
     valid_reject,
 )
 from dimse_relay.statuses import RelayFailure
-from dimse_relay.streaming import StreamAborted, await_response
+from dimse_relay.streaming import FAR_SIDE_GONE, StreamAborted, await_response, far_side_gone
 from dimse_relay.transport import NatsTransport
 
 LOG = logging.getLogger("dimse_relay.listener")
@@ -85,6 +85,9 @@ COMPOSITE_RETRIEVE_WITHOUT_BULK_DATA = "1.2.840.10008.5.1.4.1.2.5.3"
 # is what a far-side timeout on a live session costs in addition), a gone one is reported by
 # NATS ("no responders") within a round trip.
 SESSION_PROBE_S = 0.25
+# How long a stopping agent lets its pynetdicom associations end on their own before it
+# aborts them.
+STOP_GRACE_S = 2.0
 
 
 def _reject(assoc: Any, result: int, source: int, reason: int) -> None:
@@ -208,10 +211,22 @@ class ListenerServer:
         task.add_done_callback(self._direct_tasks.discard)
 
     def stop(self) -> None:
+        """Stop accepting; operations waiting for the far side answer their SCU with a
+        failure at once (``_stopping``). Associations still open after STOP_GRACE_S (an SCU
+        that keeps its association, a sub-operation still running) are aborted: their
+        threads would otherwise keep the process from exiting."""
         self._stopping.set()
+        active = [assoc for server in self.servers for assoc in server.active_associations]
         for server in self.servers:
             server.shutdown()
         self.servers.clear()
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(assoc.is_established for assoc in active) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in active:
+            if assoc.is_established:
+                with contextlib.suppress(Exception):
+                    assoc.abort()
 
     @property
     def bound(self) -> bool:
@@ -790,12 +805,18 @@ class ListenerServer:
                 if event.is_cancelled and not cancel_sent:
                     cancel_sent = True
                     self._publish_cancel(subject, op_id)
+                if self._stopping.is_set():
+                    # the agent is stopping: answer the SCU now (the far operation is
+                    # cancelled below) rather than hold the shutdown for request_s
+                    raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, "listener agent stopping")
                 try:
                     msg = replies.get(timeout=0.05)
                 except queue.Empty:
                     if time.monotonic() > deadline:
                         raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
                     continue
+                if far_side_gone(msg):
+                    raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, FAR_SIDE_GONE)
                 header, body = self._decode_reply(msg)
                 if instances and is_instance_message(header, op_id):
                     deadline = time.monotonic() + timeout_s

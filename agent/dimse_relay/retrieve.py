@@ -442,6 +442,8 @@ class RetrieveStream:
                         yield unsent
                         return
                 yield from suboperation(spool, decode, near_failed)
+                if index == announced.total:
+                    return  # pynetdicom sends its own final status (it takes no further yield)
             yield result.final_status(near_failed)
         finally:
             with self.collector.changed:

@@ -41,6 +41,16 @@ class StreamAborted(Exception):
         self.comment = comment
 
 
+def far_side_gone(msg: Any) -> bool:
+    """NATS's "no responders" status (503) on a reply inbox: nobody subscribes to the subject
+    a message with that inbox as its reply went to (the far session or agent is gone)."""
+    headers = getattr(msg, "headers", None) or {}
+    return bool(headers.get("Status") == "503")
+
+
+FAR_SIDE_GONE = "far session gone (no responders)"
+
+
 async def await_ack(replies: asyncio.Queue[Any], op_id: int, timeout_s: float) -> None:
     """Wait for the ACK of one chunk of ``op_id``; an ERROR for it aborts the stream."""
     deadline = time.monotonic() + timeout_s
@@ -52,6 +62,8 @@ async def await_ack(replies: asyncio.Queue[Any], op_id: int, timeout_s: float) -
             msg = await asyncio.wait_for(replies.get(), remaining)
         except TimeoutError:
             raise StreamAborted("timeout", "chunk not acknowledged") from None
+        if far_side_gone(msg):
+            raise StreamAborted("unavailable", FAR_SIDE_GONE)
         try:
             header, _ = envelope.decode(msg.data)
         except EnvelopeError as exc:
@@ -90,6 +102,8 @@ async def await_final(
             msg = await asyncio.wait_for(replies.get(), remaining)
         except TimeoutError:
             raise StreamAborted("timeout", "no response") from None
+        if far_side_gone(msg):
+            raise StreamAborted("unavailable", FAR_SIDE_GONE)
         try:
             header, body = envelope.decode(msg.data)
         except EnvelopeError as exc:

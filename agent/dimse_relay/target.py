@@ -178,6 +178,8 @@ class TargetSession:
         self.assoc: Any = None
         self.uploads: dict[int, SpooledDataset] = {}
         self.busy = 0  # DIMSE operations running against the SCP right now
+        # op id -> the listener's reply inbox, of requests whose answer is still to be sent
+        self.answering: dict[int, str] = {}
         # op_id -> (Message ID, SOP class) of streamed operations that may be cancelled
         self.running: dict[int, tuple[int, str]] = {}
         self.retrieve: _Retrieve | None = None  # the C-GET whose sub-operations arrive now
@@ -712,10 +714,12 @@ class TargetSession:
 
         async def run_on_worker() -> None:
             self.busy += 1
+            self.answering[hdr.op_id] = reply
             try:
                 status_class = await loop.run_in_executor(self.worker, run)
             finally:
                 self.busy -= 1
+                self.answering.pop(hdr.op_id, None)
                 self.last_activity = time.monotonic()
             metrics.REQUESTS.labels(role="target", service=hdr.service, status=status_class).inc()
 
@@ -889,6 +893,7 @@ class TargetSession:
         async def run() -> None:
             loop = asyncio.get_running_loop()
             self.busy += 1
+            self.answering[hdr.op_id] = reply
             try:
                 status: Dataset = await loop.run_in_executor(self.worker, func)
             except Exception as exc:
@@ -898,6 +903,7 @@ class TargetSession:
                 status = Dataset()
             finally:
                 self.busy -= 1
+                self.answering.pop(hdr.op_id, None)
                 self.last_activity = time.monotonic()
             if "Status" not in status:
                 # No response: the SCP aborted, timed out or the association is gone.
@@ -1042,6 +1048,7 @@ class TargetSession:
 
         async def respond() -> None:
             self.busy += 1
+            self.answering[hdr.op_id] = reply
             try:
                 elements = await direct.response(pending)
             except direct_target.TargetGone:
@@ -1052,6 +1059,7 @@ class TargetSession:
                 return
             finally:
                 self.busy -= 1
+                self.answering.pop(hdr.op_id, None)
                 self.last_activity = time.monotonic()
             metrics.REQUESTS.labels(
                 role="target", service=hdr.service, status=direct_target.status_class(elements)
@@ -1072,17 +1080,19 @@ class TargetSession:
         return None
 
     async def close(self, mode: str, notify: str = "") -> None:
-        """End the session. ``notify``: tell the listener why its C-STORE still on its way
-        will not complete (ERROR ``unavailable``), so its SCU hears at once, not after a
-        chunk acknowledgement timeout (the agent is stopping)."""
+        """End the session. ``notify``: tell the listener why its requests still on their
+        way or still waiting for the SCP will not complete (ERROR ``unavailable``), so its SCU
+        hears at once, not after a chunk acknowledgement or request timeout (the agent is
+        stopping)."""
         if self.closed:
             return
         self.closed = True
         if notify:
-            in_flight = [(up.reply, up.request.op_id) for up in self.uploads.values()]
+            in_flight = dict(self.answering)
+            in_flight.update((op_id, up.reply) for op_id, up in self.uploads.items())
             if self.direct is not None and self.direct.upload is not None:
-                in_flight.append((self.direct.upload.reply, self.direct.upload.request.op_id))
-            for reply, op_id in in_flight:
+                in_flight[self.direct.upload.request.op_id] = self.direct.upload.reply
+            for op_id, reply in in_flight.items():
                 with contextlib.suppress(Exception):
                     await self._reply_error(reply, op_id, "unavailable", notify)
         self.server.sessions.pop(self.session_id, None)
