@@ -316,6 +316,8 @@ def test_streamed_retrieve_cut_short_is_not_success(tmp_path: Path) -> None:
     assert last.Status == statuses.RETRIEVE_OUT_OF_RESOURCES
     assert last.NumberOfCompletedSuboperations == 2
     assert last.NumberOfFailedSuboperations == 1
+    # not the Remaining of the last pending response: 2 + 1 are all three sub-operations
+    assert last.get("NumberOfRemainingSuboperations") in (None, 0)
 
 
 def test_streamed_retrieve_with_more_instances_than_announced_is_a_warning(
@@ -342,6 +344,7 @@ def test_streamed_retrieve_with_more_instances_than_announced_is_a_warning(
     assert final.Status == 0xB000
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfFailedSuboperations == 1  # pynetdicom counts the one still open
+    assert final.get("NumberOfRemainingSuboperations") in (None, 0)
     assert identifier is not None
     assert list(identifier.FailedSOPInstanceUIDList) == uids[1:]
     assert "more instances than it announced" in caplog.text

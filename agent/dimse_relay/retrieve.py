@@ -174,10 +174,24 @@ class Retrieved:
         the SCP's own warning/failure/cancel with its Failed SOP Instance UID List
         (pynetdicom counts sub-operations still "remaining" as failed), or Success."""
         if self.failure is not None or self.final is None:
-            return self.failure or out_of_resources(), None
+            return final_without_remaining(self.failure or out_of_resources()), None
         if int(self.final.Status) != 0x0000 or self._far_failed():
-            return self.final, with_failed_instances(self.final_identifier, near_failed)
+            return final_without_remaining(self.final), with_failed_instances(
+                self.final_identifier, near_failed
+            )
         return 0x0000, None
+
+
+def final_without_remaining(status: Dataset) -> Dataset:
+    """A final warning or failure status for pynetdicom without a Number of Remaining
+    Sub-operations: pynetdicom counts the sub-operations still open as failed but would send
+    the Remaining of the last pending response with it (so Remaining + Completed + Failed
+    would exceed the total). A cancel keeps it: pynetdicom sets it right there."""
+    if int(status.Status) == 0xFE00:
+        return status
+    final = copy.deepcopy(status)
+    final.NumberOfRemainingSuboperations = None
+    return final
 
 
 def out_of_resources() -> Dataset:
@@ -398,7 +412,7 @@ class RetrieveStream:
         status = Dataset()
         status.Status = statuses.RETRIEVE_SUBOPERATIONS_FAILED
         uids = [str(spool.command.AffectedSOPInstanceUID) for spool in unsent]
-        return status, failed_list_with(None, uids)
+        return final_without_remaining(status), failed_list_with(None, uids)
 
     def finished(self) -> Retrieved:
         """The whole retrieve, once the far side has finished."""
