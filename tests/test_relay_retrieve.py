@@ -183,6 +183,10 @@ def test_move_delivers_to_destination_on_the_scu_side(rig: RetrieveRig) -> None:
 def test_move_to_unknown_destination_is_a801(rig: RetrieveRig) -> None:
     statuses = move(rig.port, "PACS", "NOWHERE", study_identifier(rig.study_uid))
     assert [s.Status for s in statuses] == [0xA801]
+    time.sleep(0.2)
+    text = rig.edge.log_path.read_text()
+    assert "C-MOVE to an unknown destination" in text
+    assert "NOWHERE" not in text, "AE titles are logged at debug level only"
 
 
 def test_move_to_unreachable_destination_is_a801_and_keeps_nothing(rig: RetrieveRig) -> None:

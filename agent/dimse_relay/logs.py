@@ -76,6 +76,17 @@ class AsyncioNoiseFilter(logging.Filter):
         )
 
 
+class MoveDestinationFilter(logging.Filter):
+    """pynetdicom logs a C-MOVE's unknown destination AE title at error level; the listener
+    logs the event itself (info, without the AE title, which is kept to debug level)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name.startswith("pynetdicom")
+            and record.getMessage().startswith("Unknown Move Destination")
+        )
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, agent: str):
         super().__init__()
@@ -110,6 +121,7 @@ class TextFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str, agent: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(AsyncioNoiseFilter())
+    handler.addFilter(MoveDestinationFilter())
     handler.addFilter(RedactingFilter())
     handler.addFilter(IdentifierFilter(debug=level == "debug"))
     handler.setFormatter(JsonFormatter(agent) if fmt == "json" else TextFormatter())
