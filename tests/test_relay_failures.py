@@ -696,9 +696,9 @@ def test_far_agent_killed_mid_association_costs_one_timeout_not_one_per_request(
     rig: FailureRig,
 ) -> None:
     """The cloud agent dies (SIGKILL) while an SCU's association is open and comes back. The
-    first C-STORE after it waits out the relay timeout (its far session is gone), the
-    listener finds the session gone, and the next C-STOREs of the same association go through
-    a new far session: Success, stored, no timeout each."""
+    first C-STORE after it fails (NATS answers "no responders" for its far session, or it
+    times out), the listener drops the session, and the next C-STOREs of the same association
+    go through a new far session: Success, stored, no timeout each."""
     from pydicom import dcmread
 
     ds = dcmread(CT)
@@ -714,7 +714,7 @@ def test_far_agent_killed_mid_association_costs_one_timeout_not_one_per_request(
         rig.cloud.start()
         started = time.monotonic()
         first = int(assoc.send_c_store(ds).Status)
-        assert first == 0xA700, hex(first)  # out of resources: timed out waiting
+        assert first == 0xA700, hex(first)  # out of resources: far session gone
         assert time.monotonic() - started < REQUEST_S + 5
         started = time.monotonic()
         later = [int(assoc.send_c_store(ds).Status) for _ in range(3)]

@@ -461,7 +461,7 @@ class DirectAssociation:
             if self.session_subject and (
                 streamed
                 or exc.failure is statuses.FAR_SIDE_TIMEOUT
-                or exc.failure.reason == "protocol"
+                or exc.failure.reason in ("protocol", "unavailable")
             ):
                 # The far session may be gone (its agent died) or hold half an upload: the
                 # next request opens a new one rather than waiting out the timeout again.

@@ -216,9 +216,9 @@ class ListenerServer:
         that keeps its association, a sub-operation still running) are aborted: their
         threads would otherwise keep the process from exiting."""
         self._stopping.set()
-        active = [assoc for server in self.servers for assoc in server.active_associations]
         for server in self.servers:
             server.shutdown()
+        active = [assoc for server in self.servers for assoc in server.active_associations]
         self.servers.clear()
         deadline = time.monotonic() + STOP_GRACE_S
         while any(assoc.is_established for assoc in active) and time.monotonic() < deadline:
@@ -226,7 +226,7 @@ class ListenerServer:
         for assoc in active:
             if assoc.is_established:
                 with contextlib.suppress(Exception):
-                    assoc.abort()
+                    assoc.abort(block=False)
 
     @property
     def bound(self) -> bool:
@@ -412,20 +412,29 @@ class ListenerServer:
             raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, "association closed")
         return result.session_subject
 
-    def _forget_lost_session(self, relayed: RelayedAssociation) -> None:
+    def _after_failure(self, relayed: RelayedAssociation, failure: RelayFailure) -> None:
+        """A far session NATS reported gone is dropped; after a timeout or an ERROR
+        ``unavailable`` (e.g. its agent stopping) it is probed first."""
+        if failure is statuses.FAR_SESSION_GONE:
+            self._forget_lost_session(relayed, known_gone=True)
+        elif failure in (statuses.FAR_SIDE_TIMEOUT, statuses.FAR_SIDE_UNAVAILABLE):
+            self._forget_lost_session(relayed)
+
+    def _forget_lost_session(self, relayed: RelayedAssociation, known_gone: bool = False) -> None:
         """After a far-side timeout: is the far session still there? A far agent that died
         (its session subscription gone) would make every later request of the association
-        wait out its own timeout; instead the next request opens a new far session, with
-        whichever agent serves the far AE title now."""
+        fail or wait out its own timeout; instead the next request opens a new far session,
+        with whichever agent serves the far AE title now."""
         subject = relayed.session_subject
         if not subject:
             return
-        try:
-            gone = bool(self._call(self._session_gone(subject), SESSION_PROBE_S + 1.0))
-        except Exception:
-            return
-        if not gone:
-            return
+        if not known_gone:
+            try:
+                gone = bool(self._call(self._session_gone(subject), SESSION_PROBE_S + 1.0))
+            except Exception:
+                return
+            if not gone:
+                return
         with self._lock:
             if relayed.session_subject != subject or relayed.closed:
                 return
@@ -481,8 +490,7 @@ class ListenerServer:
                 "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
             )
             status = self._failure_status(service, exc.failure)
-            if exc.failure is statuses.FAR_SIDE_TIMEOUT:
-                self._forget_lost_session(relayed)
+            self._after_failure(relayed, exc.failure)
         except Exception as exc:  # a bug must give a failure status, never a false Success
             LOG.error(
                 "relay error",
@@ -816,7 +824,7 @@ class ListenerServer:
                         raise RelayError(statuses.FAR_SIDE_TIMEOUT) from None
                     continue
                 if far_side_gone(msg):
-                    raise RelayError(statuses.FAR_SIDE_UNAVAILABLE, FAR_SIDE_GONE)
+                    raise RelayError(statuses.FAR_SESSION_GONE, FAR_SIDE_GONE)
                 header, body = self._decode_reply(msg)
                 if instances and is_instance_message(header, op_id):
                     deadline = time.monotonic() + timeout_s
@@ -842,6 +850,7 @@ class ListenerServer:
             LOG.warning(
                 "relay failed", extra={**relayed.log_extra, "service": service, "why": str(exc)}
             )
+            self._after_failure(relayed, exc.failure)
             yield self._failure_status(service, exc.failure), None
         finally:
             # Without a final response the far operation may still run (we timed out, the

@@ -78,9 +78,11 @@ class AsyncioNoiseFilter(logging.Filter):
 
 class MoveDestinationFilter(logging.Filter):
     """pynetdicom logs a C-MOVE's unknown destination AE title at error level; the listener
-    logs the event itself (info, without the AE title, which is kept to debug level)."""
+    logs the event itself (info, without the AE title). The line is kept at debug level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
         return not (
             record.name.startswith("pynetdicom")
             and record.getMessage().startswith("Unknown Move Destination")

@@ -34,6 +34,7 @@ class RelayError(Exception):
 
 FAILURES = {
     "unavailable": statuses.FAR_SIDE_UNAVAILABLE,
+    "gone": statuses.FAR_SESSION_GONE,  # local only: NATS's "no responders", never on the wire
     "timeout": statuses.FAR_SIDE_TIMEOUT,
     "target_unreachable": statuses.TARGET_UNREACHABLE,
     "protocol": statuses.PROTOCOL_ERROR,

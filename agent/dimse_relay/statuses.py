@@ -50,6 +50,9 @@ class RelayFailure:
 FAR_SIDE_UNAVAILABLE = RelayFailure(
     "unavailable", "dimse-relay: far side unavailable (no agent or no NATS)"
 )
+# NATS answered "no responders" for the far session: its agent stopped or restarted. The
+# association's next request opens a new far session.
+FAR_SESSION_GONE = RelayFailure("unavailable", "dimse-relay: far session gone (agent stopped)")
 FAR_SIDE_TIMEOUT = RelayFailure("timeout", "dimse-relay: timed out waiting for the far side")
 TARGET_UNREACHABLE = RelayFailure(
     "target_unreachable", "dimse-relay: target SCP refused or unreachable"

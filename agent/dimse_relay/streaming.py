@@ -63,7 +63,7 @@ async def await_ack(replies: asyncio.Queue[Any], op_id: int, timeout_s: float) -
         except TimeoutError:
             raise StreamAborted("timeout", "chunk not acknowledged") from None
         if far_side_gone(msg):
-            raise StreamAborted("unavailable", FAR_SIDE_GONE)
+            raise StreamAborted("gone", FAR_SIDE_GONE)
         try:
             header, _ = envelope.decode(msg.data)
         except EnvelopeError as exc:
@@ -103,7 +103,7 @@ async def await_final(
         except TimeoutError:
             raise StreamAborted("timeout", "no response") from None
         if far_side_gone(msg):
-            raise StreamAborted("unavailable", FAR_SIDE_GONE)
+            raise StreamAborted("gone", FAR_SIDE_GONE)
         try:
             header, body = envelope.decode(msg.data)
         except EnvelopeError as exc:

@@ -1079,22 +1079,23 @@ class TargetSession:
             return up.reply
         return None
 
-    async def close(self, mode: str, notify: str = "") -> None:
-        """End the session. ``notify``: tell the listener why its requests still on their
-        way or still waiting for the SCP will not complete (ERROR ``unavailable``), so its SCU
-        hears at once, not after a chunk acknowledgement or request timeout (the agent is
-        stopping)."""
+    async def notify_stopping(self, comment: str) -> None:
+        """Tell the listener why its requests still on their way or still waiting for the
+        SCP will not complete (ERROR ``unavailable``), so its SCU hears at once, not after a
+        chunk acknowledgement or request timeout (the agent is stopping)."""
+        in_flight = dict(self.answering)
+        in_flight.update((op_id, up.reply) for op_id, up in self.uploads.items())
+        if self.direct is not None and self.direct.upload is not None:
+            in_flight[self.direct.upload.request.op_id] = self.direct.upload.reply
+        for op_id, reply in in_flight.items():
+            with contextlib.suppress(Exception):
+                await self._reply_error(reply, op_id, "unavailable", comment)
+
+    async def close(self, mode: str) -> None:
+        """End the session."""
         if self.closed:
             return
         self.closed = True
-        if notify:
-            in_flight = dict(self.answering)
-            in_flight.update((op_id, up.reply) for op_id, up in self.uploads.items())
-            if self.direct is not None and self.direct.upload is not None:
-                in_flight[self.direct.upload.request.op_id] = self.direct.upload.reply
-            for op_id, reply in in_flight.items():
-                with contextlib.suppress(Exception):
-                    await self._reply_error(reply, op_id, "unavailable", notify)
         self.server.sessions.pop(self.session_id, None)
         metrics.ACTIVE_SESSIONS.labels(role="target").set(len(self.server.sessions))
         if self.sub is not None:
@@ -1265,8 +1266,12 @@ class TargetServer:
     async def shutdown(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        for session in list(self.sessions.values()):
-            await session.close("release", notify="target agent stopping")
+        sessions = list(self.sessions.values())
+        # every listener hears first; closing a session may wait for its SCP
+        for session in sessions:
+            await session.notify_stopping("target agent stopping")
+        for session in sessions:
+            await session.close("release")
         for sink in self.sinks.values():
             with contextlib.suppress(Exception):
                 sink.close()
