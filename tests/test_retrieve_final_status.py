@@ -263,7 +263,9 @@ def _streamed_get(
     return responses
 
 
-def test_streamed_retrieve_sends_each_instance_before_the_far_side_ends(tmp_path: Path) -> None:
+def test_streamed_retrieve_sends_each_instance_before_the_far_side_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Once the far side's first pending response announces the count, the SCU gets each
     instance as soon as it is spooled: here the far side sends its second instance only
     after the SCU has stored the first (it would wait in vain if the listener collected the
@@ -289,6 +291,7 @@ def test_streamed_retrieve_sends_each_instance_before_the_far_side_ends(tmp_path
         return 0x0000
 
     responses = _streamed_get(far_side, on_store)
+    assert "yielded further" not in caplog.text, "nothing is yielded after the last one"
     assert waited == [True], "the first instance did not reach the SCU before the far side ended"
     last = responses[-1][0]
     assert last.Status == 0x0000
@@ -372,7 +375,9 @@ def test_streamed_retrieve_of_exactly_the_announced_instances_is_success(tmp_pat
     assert responses[-1][0].NumberOfCompletedSuboperations == 2
 
 
-def test_retrieve_without_counts_is_collected_first(tmp_path: Path) -> None:
+def test_retrieve_without_counts_is_collected_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A far side whose pending responses carry no counts: nothing is announced, the whole
     retrieve is collected and then sent, as before streaming."""
     paths = [_instance(tmp_path, i) for i in range(2)]
@@ -390,3 +395,4 @@ def test_retrieve_without_counts_is_collected_first(tmp_path: Path) -> None:
     responses = _streamed_get(no_counts, lambda e: stored.append("x") or 0x0000, announced=False)
     assert len(stored) == 2
     assert responses[-1][0].Status == 0x0000
+    assert "yielded further" not in caplog.text, "nothing is yielded after the last one"

@@ -164,7 +164,10 @@ class Retrieved:
             near_failed: list[str] = []
             for spool in self.instances:
                 yield from suboperation(spool, decode, near_failed)
-            yield self.final_status(near_failed)
+            if total > len(self.instances):
+                # sub-operations left open: the final status is the SCP's (pynetdicom takes
+                # no yield after the last one, and then sends its own)
+                yield self.final_status(near_failed)
         finally:
             for spool in self.instances:
                 spool.discard()
